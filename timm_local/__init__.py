@@ -1,0 +1,29 @@
+"""timm_local: supervised local learning (AugLocal and baselines) for timm CNNs.
+
+Importing the package registers our CIFAR architectures in timm's model registry, the family
+adapters and the local learning methods.
+"""
+from . import models  # noqa: F401  (registers *_cifar models in timm)
+from .families import FamilyAdapter, list_families, register_family
+from .methods import LocalHead, LocalMethod, LocalStage, create_method, list_methods, register_method
+from .model import LocalModel, create_local_model
+from .partition import BlockSpec, Partition, partition
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockSpec",
+    "FamilyAdapter",
+    "LocalHead",
+    "LocalMethod",
+    "LocalModel",
+    "LocalStage",
+    "Partition",
+    "create_local_model",
+    "create_method",
+    "list_families",
+    "list_methods",
+    "partition",
+    "register_family",
+    "register_method",
+]

@@ -1,0 +1,12 @@
+"""Family adapters: the only code that knows a model family's module names.
+
+An adapter says, for one family of timm models, (1) which modules are the local blocks, in
+execution order, and (2) how to build a fresh block "like block j" with a given input width
+and stride. Adapters are looked up by the model's class, following its MRO, so a subclass of a
+supported model works too. See docs/families.md for registering your own.
+"""
+from ._registry import FamilyAdapter, adapter_for, list_families, register_family
+from . import resnet as _resnet  # noqa: F401  (registers the adapter)
+from . import cifar_vgg as _cifar_vgg  # noqa: F401
+
+__all__ = ["FamilyAdapter", "adapter_for", "list_families", "register_family"]

@@ -1,0 +1,22 @@
+"""Local learning rules, in a registry by name (``list_methods()``)."""
+from .base import (
+    LocalHead,
+    LocalMethod,
+    LocalStage,
+    create_method,
+    list_methods,
+    register_method,
+    single_stage_for_all,
+)
+from . import bp as _bp  # noqa: F401  (registers)
+from . import auglocal as _auglocal  # noqa: F401
+
+__all__ = [
+    "LocalHead",
+    "LocalMethod",
+    "LocalStage",
+    "create_method",
+    "list_methods",
+    "register_method",
+    "single_stage_for_all",
+]

@@ -1,0 +1,95 @@
+"""What a local learning rule is: a partition of the blocks into stages, each with a head and a loss.
+
+Methods do not know engines: they return :class:`LocalStage` objects, and any engine
+(sequential, pipelined) runs them. The last stage has ``head=None`` and is trained by the
+network's own top (pooling + classifier) and cross-entropy.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, TypeVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..partition import Partition
+
+
+class LocalHead(nn.Module):
+    """An auxiliary network and its local loss.
+
+    ``forward(h)`` is the auxiliary *classifier* (what the paper counts in its MACs row);
+    ``local_loss`` is everything that runs in training, which for some baselines adds extra
+    networks (a reconstruction decoder, a similarity conv). The default loss is cross-entropy.
+    """
+
+    def local_loss(
+        self, features: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(loss, logits or None). ``inputs`` is the network input, for reconstruction losses."""
+        logits = self(features)
+        return F.cross_entropy(logits, target), logits
+
+
+@dataclass
+class LocalStage:
+    """Consecutive primary blocks trained by one local loss.
+
+    ``checkpoint`` asks the engine to recompute the blocks' activations in backward (the
+    gradient-checkpointing memory baseline); it changes memory, never gradients.
+    """
+
+    blocks: list[int]
+    head: LocalHead | None = None
+    checkpoint: bool = False
+
+
+class LocalMethod(ABC):
+    """A local learning rule. Subclasses take their hyper-parameters in ``__init__``."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def build(self, partition: Partition, num_classes: int) -> list[LocalStage]:
+        """Group the partition's blocks into stages and build their heads."""
+
+    def config(self) -> dict[str, Any]:
+        """Hyper-parameters, for checkpoints and exported metadata."""
+        return {}
+
+
+_METHODS: dict[str, type[LocalMethod]] = {}
+_M = TypeVar("_M", bound=type[LocalMethod])
+
+
+def register_method(name: str) -> Callable[[_M], _M]:
+    """Class decorator adding a method to the registry under ``name``."""
+
+    def decorator(cls: _M) -> _M:
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return decorator
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def create_method(name: str, **kwargs: Any) -> LocalMethod:
+    """Instantiate a registered method; hyper-parameters it does not take are an error."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(list_methods())}")
+    cls = _METHODS[name]
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise TypeError(f"method {name!r} does not accept {sorted(kwargs)}: {e}") from None
+
+
+def single_stage_for_all(partition: Partition, checkpoint: bool = False) -> list[LocalStage]:
+    """End-to-end training: every block in one stage under the network's own loss."""
+    return [LocalStage(blocks=list(range(len(partition))), head=None, checkpoint=checkpoint)]

@@ -1,0 +1,141 @@
+"""Cutting a timm model into its local blocks.
+
+A :class:`Partition` is the single source of truth for "what the local blocks are": the
+ordered blocks (stem first), each block's output channels and output stride, and the top
+(the network's own pooling + classifier). It is built by the model's *family adapter*
+(:mod:`timm_local.families`), and verified once against ``model.forward_features`` so a wrong
+cut can never train silently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .families import FamilyAdapter, adapter_for
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """What methods need to know about primary block ``index`` (never its weights)."""
+
+    index: int
+    name: str
+    out_chs: int
+    reduction: int  # output stride relative to the input image (spatial size = input / reduction)
+
+
+class Partition:
+    """Ordered local blocks of an unchanged timm model, plus its top.
+
+    The blocks are the model's own modules (no copies), so training a partition trains the
+    model; the partition itself holds no parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: FamilyAdapter,
+        names: Sequence[str],
+        blocks: Sequence[nn.Module],
+        specs: Sequence[BlockSpec],
+    ) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.names = list(names)
+        self.blocks = list(blocks)
+        self.specs = list(specs)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __repr__(self) -> str:
+        return f"Partition(family={self.adapter.name!r}, blocks={len(self)})"
+
+    def top(self, features: torch.Tensor) -> torch.Tensor:
+        """The network's own pooling and classifier."""
+        return self.model.forward_head(features)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def make_block_like(self, index: int, in_chs: int, stride: int) -> nn.Module:
+        """A freshly initialised block with the architecture of block ``index``.
+
+        It maps ``in_chs`` channels to block ``index``'s output channels with the given stride;
+        this is how AugLocal copies the architecture (never the weights) of later blocks.
+        """
+        if not 0 < index < len(self):
+            raise IndexError(f"block index {index} out of range 1..{len(self) - 1} (block 0 is the stem)")
+        block = self.adapter.make_block_like(
+            self.model, self.blocks[index], in_chs, self.specs[index].out_chs, stride
+        )
+        init_like_primary(block)
+        return block
+
+
+def init_like_primary(module: nn.Module) -> None:
+    """He-normal convs, BN weight 1 / bias 0 (AUGLOCAL.md §2.6)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, nn.GroupNorm)):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+def _probe_input(model: nn.Module, input_size: Sequence[int] | None) -> torch.Tensor:
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        input_size = cfg.get("input_size", (3, 224, 224))
+    param = next(model.parameters())
+    return torch.randn(1, *input_size, device=param.device, dtype=param.dtype)
+
+
+def partition(
+    model: nn.Module,
+    input_size: Sequence[int] | None = None,
+    verify: bool = True,
+) -> Partition:
+    """Cut ``model`` into local blocks with its family adapter.
+
+    One probe forward (eval mode, no grad, at ``input_size`` or the model's pretrained_cfg
+    size) measures each block's channels and output stride and checks that running the blocks
+    in order reproduces ``model.forward_features`` exactly.
+    """
+    adapter = adapter_for(model)
+    named_blocks = adapter.local_blocks(model)
+    names = [n for n, _ in named_blocks]
+    blocks = [b for _, b in named_blocks]
+
+    x = _probe_input(model, input_size)
+    was_training = model.training
+    model.eval()
+    specs: list[BlockSpec] = []
+    try:
+        with torch.no_grad():
+            h = x
+            for i, (name, block) in enumerate(named_blocks):
+                h = block(h)
+                if h.ndim != 4:
+                    raise ValueError(f"local block {name!r} returned shape {tuple(h.shape)}, expected NCHW")
+                specs.append(BlockSpec(i, name, int(h.shape[1]), max(1, round(x.shape[-1] / h.shape[-1]))))
+            if verify:
+                expected = model.forward_features(x)
+                if expected.shape != h.shape or not torch.allclose(h, expected, rtol=1e-4, atol=1e-5):
+                    raise RuntimeError(
+                        f"the {adapter.name!r} family adapter's cut of {type(model).__name__} does not "
+                        "reproduce model.forward_features (max abs diff "
+                        f"{(h - expected).abs().max().item() if h.shape == expected.shape else 'n/a: shapes differ'}); "
+                        "the adapter's local_blocks() must list every module forward_features runs, in order"
+                    )
+    finally:
+        model.train(was_training)
+    return Partition(model, adapter, names, blocks, specs)
