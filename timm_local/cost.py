@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from .model import LocalModel
@@ -75,13 +78,44 @@ def _training_step(model: LocalModel, x: torch.Tensor, y: torch.Tensor) -> None:
     model.local_step(x, y)
 
 
+class LiveStorageTracker(TorchDispatchMode):
+    """Peak bytes of tensor storages created inside the mode and still alive.
+
+    Every ATen op's outputs are seen at dispatch; a storage is counted once when first seen
+    and uncounted by a finalizer when it is freed (PyTorch keeps one Python object per live
+    storage, so the finalizer fires exactly at the free). This is what the CPU allocator would
+    report as live tensor memory, without fragmentation or caching.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                if storage not in self._seen:
+                    nbytes = storage.nbytes()
+                    self._seen[storage] = nbytes
+                    self.live += nbytes
+                    weakref.finalize(storage, self._release, nbytes)
+                    self.peak = max(self.peak, self.live)
+        return out
+
+
 def peak_step_memory(model: LocalModel, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     """Peak memory allocated *during* one training step above what was live before it.
 
     Gradients are set to None first, so their allocation is counted. CUDA: the caching
-    allocator's ``max_memory_allocated``. CPU: the CPU allocator's allocation/free events as
-    recorded by ``torch.profiler`` (``profile_memory=True``), accumulated in time order: the
-    same quantity, measured at the allocator, excluding fragmentation.
+    allocator's ``max_memory_allocated``. CPU: :class:`LiveStorageTracker` (live tensor
+    storages, counted at dispatch) — the same quantity, without allocator caching.
     """
     model.train()
     _training_step(model, x, y)  # warm-up: lazy allocations (e.g. cuDNN workspaces)
@@ -90,21 +124,14 @@ def peak_step_memory(model: LocalModel, x: torch.Tensor, y: torch.Tensor) -> dic
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        _training_step(model, x, y)
+        model.local_step(x, y)
         torch.cuda.synchronize()
         return {"peak_memory_bytes": torch.cuda.max_memory_allocated() - before,
                 "memory_method": "cuda.max_memory_allocated"}
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _training_step(model, x, y)
-    events = [e for e in prof.events() if e.name == "[memory]"]
-    events.sort(key=lambda e: e.time_range.start)
-    live = peak = 0
-    for event in events:
-        live += event.cpu_memory_usage
-        peak = max(peak, live)
-    return {"peak_memory_bytes": int(peak), "memory_method": "torch.profiler CPU allocator events"}
+    tracker = LiveStorageTracker()
+    with tracker:
+        model.local_step(x, y)
+    return {"peak_memory_bytes": int(tracker.peak), "memory_method": "live tensor storages at dispatch (CPU)"}
 
 
 def median_step_time(model: LocalModel, x: torch.Tensor, y: torch.Tensor, steps: int = 5, warmup: int = 2) -> float:
@@ -120,3 +147,28 @@ def median_step_time(model: LocalModel, x: torch.Tensor, y: torch.Tensor, steps:
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def cost_report(
+    model: LocalModel,
+    input_size: tuple[int, int, int] | None = None,
+    batch_size: int = 64,
+    memory: bool = False,
+    timing: bool = False,
+) -> dict[str, Any]:
+    """MACs and parameters always; peak step memory and median step time on request."""
+    if input_size is None:
+        input_size = tuple(model.backbone.pretrained_cfg["input_size"])
+    report: dict[str, Any] = {"input_size": list(input_size)}
+    report.update(macs_per_sample(model, tuple(input_size)))
+    report.update(parameter_counts(model))
+    if memory or timing:
+        device = next(model.parameters()).device
+        x = torch.randn(batch_size, *input_size, device=device)
+        y = torch.randint(0, model.num_classes, (batch_size,), device=device)
+        report["batch_size"] = batch_size
+        if memory:
+            report.update(peak_step_memory(model, x, y))
+        if timing:
+            report["step_time_s"] = median_step_time(model, x, y)
+    return report

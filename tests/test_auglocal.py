@@ -1,0 +1,107 @@
+"""AugLocal's auxiliary networks, exactly as AUGLOCAL.md §2."""
+import pytest
+import torch
+import torch.nn as nn
+
+import timm_local
+from timm_local.cost import macs_per_sample
+from timm_local.methods.auglocal import auglocal_plans, pyramid_depths, uniform_selection
+
+
+@pytest.fixture(scope="module")
+def resnet110_specs():
+    import timm
+
+    return timm_local.partition(timm.create_model("resnet110_cifar")).specs
+
+
+def test_resnet110_d4_depth_schedule() -> None:
+    depths = pyramid_depths(55, aux_depth=4, tau=0.5)
+    assert len(depths) == 51  # K = 55 - 3 = 52, blocks 0..50
+    assert depths[:25] == [3] * 25 and depths[25:] == [2] * 26  # i=25: round(2.5) = 2 (half to even)
+
+
+def test_tau_zero_disables_pyramid_and_tau_one_reaches_one() -> None:
+    assert set(pyramid_depths(55, 5, 0.0)) == {4}
+    depths = pyramid_depths(55, 5, 1.0)
+    assert depths[0] == 4 and depths[-1] == 1 and depths == sorted(depths, reverse=True)
+
+
+def test_uniform_selection() -> None:
+    assert uniform_selection(0, 3, 55) == (18, 36, 54)
+    assert uniform_selection(52, 3, 55) == (53, 54)  # fewer blocks left than D: take them all
+    assert uniform_selection(10, 1, 55) == (54,)
+    for block in range(50):
+        assert uniform_selection(block, 2, 55)[-1] == 54
+
+
+def test_plans_strides_follow_primary_downsampling(resnet110_specs) -> None:
+    plans = auglocal_plans(resnet110_specs, aux_depth=4, tau=0.5)
+    assert plans[0].selection == (18, 36, 54) and plans[0].strides == (1, 2, 2)
+    # block 19 (first of stage 2, 16x16) -> copies of stage-3 blocks: one stride 2 only
+    assert all(p.strides.count(2) == 1 for p in plans[19:37])
+    # blocks in the last stage need no downsampling
+    assert all(set(p.strides) == {1} for p in plans[37:])
+    # a single layer spanning two downsamplings gets only one stride 2 (at most one per layer)
+    d2 = auglocal_plans(resnet110_specs, aux_depth=2, tau=0.5)
+    assert d2[0].selection == (54,) and d2[0].strides == (2,)
+
+
+def test_built_heads_match_plans() -> None:
+    model = timm_local.create_local_model("resnet110_cifar", "auglocal", aux_depth=4, tau=0.5, num_classes=10)
+    plans = auglocal_plans(model.partition.specs, 4, 0.5)
+    assert len(model.heads) == 51 and len(model.stages) == 52
+    assert model.stages[-1].blocks == [51, 52, 53, 54] and model.stages[-1].head is None
+    for plan, stage in zip(plans, model.stages):
+        head = stage.head
+        assert stage.blocks == [plan.block]
+        assert len(head.layers) == plan.depth
+        chs = [layer.conv2.out_channels for layer in head.layers]
+        assert chs == [model.partition.specs[j].out_chs for j in plan.selection]
+        assert [layer.conv1.stride[0] for layer in head.layers] == list(plan.strides)
+        assert isinstance(head.norm, nn.BatchNorm1d) == (plan.depth == 1)
+        assert head.fc.out_features == 10
+
+
+def test_heads_are_fresh_and_outside_backbone() -> None:
+    model = timm_local.create_local_model("resnet20_cifar", aux_depth=3, num_classes=10)
+    backbone_params = {id(p) for p in model.backbone.parameters()}
+    assert not any(id(p) in backbone_params for p in model.heads.parameters())
+    assert set(model.backbone.state_dict()) == set(
+        __import__("timm").create_model("resnet20_cifar").state_dict()
+    )
+
+
+# AUGLOCAL.md §4, Table 2: GMACs per 32x32 image, ResNet-110, tau = 0.5
+PAPER_GMACS = {None: 0.25, 2: 0.63, 3: 0.69, 4: 0.80, 5: 0.98, 6: 1.13}
+
+
+@pytest.mark.parametrize("aux_depth", [None, 2, 3, 4, 5, 6])
+def test_resnet110_macs_match_paper(aux_depth) -> None:
+    method = "bp" if aux_depth is None else "auglocal"
+    model = timm_local.create_local_model("resnet110_cifar", method, aux_depth=aux_depth, tau=0.5 if aux_depth else None, num_classes=10)
+    macs = macs_per_sample(model, (3, 32, 32))
+    assert macs["gmacs"] == pytest.approx(PAPER_GMACS[aux_depth], rel=0.025)
+    assert macs["gmacs_train"] == macs["gmacs"]  # AugLocal has no extra loss networks
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(method="auglocal", aux_depth=1), "aux_depth"),
+        (dict(method="auglocal", aux_depth=2.5), "aux_depth"),
+        (dict(method="auglocal", tau=1.5), "tau"),
+        (dict(method="auglocal", tau=-0.1), "tau"),
+        (dict(method="auglocal", aux_depth=16), "aux_depth <= 15"),
+        (dict(method="no_such_method"), "unknown method 'no_such_method'; registered methods: .*auglocal"),
+        (dict(method="bp", aux_depth=3), "does not accept"),
+    ],
+)
+def test_bad_hyperparameters_are_clear_errors(kwargs, match) -> None:
+    with pytest.raises((ValueError, TypeError), match=match):
+        timm_local.create_local_model("resnet32_cifar", num_classes=10, **kwargs)
+
+
+def test_unknown_model_error() -> None:
+    with pytest.raises(ValueError, match="unknown model 'resnet_nope'.*resnet110_cifar"):
+        timm_local.create_local_model("resnet_nope")
