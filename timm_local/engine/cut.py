@@ -1,0 +1,191 @@
+"""Where to cut a LocalModel's local stages into pipeline segments.
+
+A pipelined step takes as long as its slowest segment (the others wait for it), so the cut
+that matters is the one minimising the most expensive segment. The cost of a *local stage* is
+its whole training cost: its primary blocks forward and backward **plus its auxiliary
+network** (AugLocal's heads copy later blocks, so early stages are much heavier than their
+primary block alone suggests). Two estimates:
+
+* ``"macs"``: multiply-accumulates of one training forward of the stage (blocks +
+  ``head.local_loss``, or the network's top + cross-entropy for the last stage), counted at
+  the ATen level; deterministic, device independent, blind to memory-bound ops (BN, ReLU).
+* ``"time"``: measured forward + backward wall time of each stage on a copy of the model, on
+  the device the model lives on; includes memory-bound ops and the real kernels, but is noisy
+  on a loaded machine.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Sequence
+
+import torch
+
+from .sequential import run_stage
+
+if TYPE_CHECKING:  # model.py imports the engines, so engines import it only for types
+    from ..model import LocalModel
+
+CostMeasure = Literal["macs", "time"]
+
+
+def _sample_batch(model: torch.nn.Module, input_size: Sequence[int], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    param = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, *input_size, generator=generator).to(param.device, param.dtype)
+    y = torch.randint(0, model.num_classes, (batch_size,), generator=generator).to(param.device)
+    return x, y
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def local_stage_costs(
+    model: LocalModel,
+    input_size: Sequence[int] | None = None,
+    measure: CostMeasure = "macs",
+    batch_size: int | None = None,
+    repeats: int = 3,
+) -> list[float]:
+    """Training cost of every local stage of ``model`` (block(s) + auxiliary network).
+
+    ``"macs"`` returns forward MACs per sample; ``"time"`` returns the fastest of ``repeats``
+    forward + backward runs of each stage at ``batch_size`` (default 32), in seconds. Only ratios matter for the
+    cut. Neither changes ``model``: timing runs on a deep copy (BatchNorm statistics and
+    gradients of the original are untouched).
+    """
+    from ..cost import count_macs  # cost.py imports model.py, which imports this package
+
+    if input_size is None:
+        input_size = (getattr(model.backbone, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+    if measure not in ("macs", "time"):
+        raise ValueError(f"cost measure must be 'macs' or 'time', got {measure!r}")
+    batch_size = batch_size or (2 if measure == "macs" else 32)
+    probe = copy.deepcopy(model)
+    x, y = _sample_batch(probe, input_size, batch_size)
+    device = x.device
+    costs: list[float] = []
+    h = x
+    if measure == "macs":
+        probe.eval()  # MAC counts do not depend on the BatchNorm mode
+        with torch.no_grad():
+            for stage in probe.stages:
+                out: list[torch.Tensor] = []
+                macs = count_macs(lambda: out.append(run_stage(probe.partition, stage, h, y, x)[0]))
+                costs.append(macs / batch_size)
+                h = out[0]
+        return costs
+    probe.train()
+    for stage in probe.stages:
+        h_in = h.detach()
+        times = []
+        for i in range(repeats + 1):  # first run warms up kernels / allocator
+            probe.zero_grad(set_to_none=True)
+            _sync(device)
+            start = time.perf_counter()
+            out, loss, _ = run_stage(probe.partition, stage, h_in, y, x)
+            loss.backward()
+            _sync(device)
+            if i:
+                times.append(time.perf_counter() - start)
+        costs.append(min(times))  # the least disturbed run: other processes only ever add time
+        h = out.detach()
+    return costs
+
+
+def balanced_cut(costs: Sequence[float], num_segments: int) -> list[int]:
+    """Start index of each of ``num_segments`` contiguous, non-empty segments of ``costs``
+    minimising the largest segment sum (exact dynamic programme, O(W·n²), n ≤ a few hundred).
+
+    Among optimal cuts the one with the latest boundaries is returned, a deterministic choice.
+    """
+    n = len(costs)
+    if num_segments < 1:
+        raise ValueError(f"the number of pipeline segments must be >= 1, got {num_segments}")
+    if num_segments > n:
+        raise ValueError(
+            f"cannot cut {n} local stages into {num_segments} pipeline segments: each segment needs "
+            f"at least one local stage; use at most {n} pipeline stages"
+        )
+    if any(c < 0 for c in costs):
+        raise ValueError("local stage costs must be non-negative")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + float(c))
+    inf = float("inf")
+    # best[k][i]: smallest possible max segment cost covering stages [0, i) with k segments.
+    best = [[inf] * (n + 1) for _ in range(num_segments + 1)]
+    arg = [[0] * (n + 1) for _ in range(num_segments + 1)]
+    best[0][0] = 0.0
+    for k in range(1, num_segments + 1):
+        for i in range(k, n - (num_segments - k) + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value <= best[k][i]:
+                    best[k][i], arg[k][i] = value, j
+    starts = []
+    i = n
+    for k in range(num_segments, 0, -1):
+        i = arg[k][i]
+        starts.append(i)
+    return starts[::-1]
+
+
+def segment_ranges(starts: Sequence[int], num_stages: int) -> list[range]:
+    """Local stage indices of each segment, from its start indices."""
+    ends = list(starts[1:]) + [num_stages]
+    return [range(a, b) for a, b in zip(starts, ends)]
+
+
+def validate_cut(starts: Sequence[int], num_stages: int, num_segments: int) -> list[int]:
+    """Check a user-given cut (start index of each segment) and return it as a list."""
+    starts = [int(s) for s in starts]
+    if len(starts) != num_segments:
+        raise ValueError(
+            f"a cut into {num_segments} pipeline segments needs {num_segments} start indices, got {starts}"
+        )
+    if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= num_stages:
+        raise ValueError(
+            f"invalid cut {starts}: start indices must begin at 0, increase strictly and stay below the "
+            f"number of local stages ({num_stages})"
+        )
+    return starts
+
+
+@dataclass(frozen=True)
+class CutReport:
+    """A cut with the numbers that justify it (printed at start by the pipeline engine)."""
+
+    starts: list[int]
+    costs: list[float]
+    measure: str
+
+    @property
+    def segment_costs(self) -> list[float]:
+        return [sum(self.costs[i] for i in r) for r in segment_ranges(self.starts, len(self.costs))]
+
+    @property
+    def predicted_speedup(self) -> float:
+        """Sequential time / pipelined time if communication were free: total / slowest."""
+        worst = max(self.segment_costs)
+        return sum(self.costs) / worst if worst > 0 else float(len(self.starts))
+
+    def describe(self, block_names: Sequence[Sequence[str]] | None = None) -> str:
+        total = sum(self.costs) or 1.0
+        unit = "MACs/sample" if self.measure == "macs" else "s/step"
+        lines = [f"pipeline cut into {len(self.starts)} segments (cost: {self.measure}, {unit}):"]
+        for s, r in enumerate(segment_ranges(self.starts, len(self.costs))):
+            cost = sum(self.costs[i] for i in r)
+            names = ""
+            if block_names is not None:
+                first, last = block_names[r.start][0], block_names[r.stop - 1][-1]
+                names = f"  blocks {first} .. {last}"
+            lines.append(
+                f"  segment {s}: local stages {r.start}..{r.stop - 1} ({len(r)}){names}  "
+                f"cost {cost:.4g} ({100 * cost / total:.1f}%)"
+            )
+        lines.append(f"  predicted speed-up over sequential (free communication): {self.predicted_speedup:.2f}x")
+        return "\n".join(lines)
