@@ -1,0 +1,66 @@
+"""detectron2 plug-in: any timm ``features_only`` CNN (e.g. a timm_local export) as a backbone.
+
+Importing ``det`` registers ``build_timm_backbone`` and ``build_timm_fpn_backbone`` in
+detectron2's ``BACKBONE_REGISTRY``; call :func:`add_timm_config` on a detectron2 config before
+merging a YAML that uses ``MODEL.TIMM`` keys::
+
+    from detectron2.config import get_cfg
+    import det
+
+    cfg = det.add_timm_config(get_cfg())
+    cfg.merge_from_file("configs/det/mask_rcnn_R34_FPN_1x.yaml")
+
+detectron2 is an optional dependency (``det/install_detectron2.sh``); nothing in
+``timm_local`` imports this package.
+"""
+
+from .backbone import (
+    NORMS,
+    TimmBackbone,
+    build_timm_backbone,
+    build_timm_fpn_backbone,
+    convert_norm,
+    freeze_through,
+)
+from .config import add_timm_config, get_timm_cfg
+from .engine import (
+    Trainer,
+    check_pixel_stats,
+    coco_json_categories,
+    format_ap_table,
+    register_coco_json,
+    use_coco_json_datasets,
+    write_ap_table,
+)
+from .solver import build_optimizer
+from .weights import (
+    TimmWeights,
+    WeightsMismatchError,
+    check_checkpoint_matches,
+    create_timm_features,
+    resolve_weights,
+)
+
+__all__ = [
+    "NORMS",
+    "TimmBackbone",
+    "TimmWeights",
+    "Trainer",
+    "WeightsMismatchError",
+    "add_timm_config",
+    "build_optimizer",
+    "build_timm_backbone",
+    "build_timm_fpn_backbone",
+    "check_checkpoint_matches",
+    "check_pixel_stats",
+    "coco_json_categories",
+    "convert_norm",
+    "create_timm_features",
+    "format_ap_table",
+    "freeze_through",
+    "get_timm_cfg",
+    "register_coco_json",
+    "resolve_weights",
+    "use_coco_json_datasets",
+    "write_ap_table",
+]

@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Train and COCO-evaluate a detectron2 detector whose backbone is a timm (timm_local) CNN.
+
+detectron2's ``tools/train_net.py`` shape: ``default_argument_parser`` + ``launch`` + a Trainer,
+with the timm plug-in (``det``) registered and its config keys added. Examples::
+
+    # COCO 2017 from $DETECTRON2_DATASETS/coco (detectron2's builtin names), 8 GPUs:
+    python tools/det_train.py --config-file configs/det/mask_rcnn_R34_FPN_1x_auglocal.yaml --num-gpus 8
+
+    # any COCO-format dataset, no Python needed (classes come from the JSON's categories):
+    python tools/det_train.py --config-file configs/det/mask_rcnn_R34_FPN_1x.yaml \\
+        --train-json train.json --train-images train/ --test-json val.json --test-images val/ \\
+        MODEL.TIMM.WEIGHTS runs/imagenet/resnet34_bp SOLVER.IMS_PER_BATCH 4
+
+    # evaluate a trained detector, or resume an interrupted run:
+    python tools/det_train.py --config-file ... --eval-only MODEL.WEIGHTS runs/det/.../model_final.pth
+    python tools/det_train.py --config-file ... --resume
+
+The bbox/segm AP table is printed and saved as ``OUTPUT_DIR/ap_table.md`` (+ ``ap_results.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+# Run as ``python tools/det_train.py``: put the checkout's root first on the path so ``det`` is
+# this repository's package (sys.path[0] is tools/, and detectron2 installs its own top-level
+# ``tools`` package, so nothing here may be imported as ``tools.*``).
+_REPO = Path(__file__).resolve().parents[1]
+if (_REPO / "det" / "__init__.py").is_file() and str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+import torch  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import CfgNode, get_cfg  # noqa: E402
+from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+
+import det  # noqa: E402  (registers the timm backbones)
+
+logger = logging.getLogger("det_train")
+
+_DETECTRON2_DEFAULT_OUTPUT = "./output"
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """detectron2's standard arguments plus COCO-format datasets given as JSON + image folder."""
+    parser = default_argument_parser()
+    parser.add_argument("--train-json", help="COCO-format annotations to train on (replaces DATASETS.TRAIN)")
+    parser.add_argument("--train-images", help="image folder of --train-json")
+    parser.add_argument("--test-json", help="COCO-format annotations to evaluate on (replaces DATASETS.TEST)")
+    parser.add_argument("--test-images", help="image folder of --test-json")
+    return parser
+
+
+def setup(args: argparse.Namespace) -> CfgNode:
+    """Build the frozen config: defaults + timm keys + YAML + datasets + command-line overrides."""
+    cfg = det.add_timm_config(get_cfg())
+    cfg.merge_from_file(args.config_file)
+    det.use_coco_json_datasets(cfg, args.train_json, args.train_images, args.test_json, args.test_images)
+    cfg.merge_from_list(args.opts)
+    if cfg.OUTPUT_DIR == _DETECTRON2_DEFAULT_OUTPUT and args.config_file:
+        # One folder per recipe, so the BP and AugLocal configs (which differ only in the
+        # backbone weights) never overwrite each other.
+        cfg.OUTPUT_DIR = str(Path("runs") / "det" / Path(args.config_file).stem)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    default_setup(cfg, args)  # logging, seed, and the resolved config saved as OUTPUT_DIR/config.yaml
+    if cfg.MODEL.DEVICE == "cpu":
+        logger.warning("CUDA is not available: running on CPU (MODEL.DEVICE cpu).")
+    det.check_pixel_stats(cfg)
+    return cfg
+
+
+def main(args: argparse.Namespace):
+    cfg = setup(args)
+    if args.eval_only:
+        model = det.Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = det.Trainer.test(cfg, model)
+    else:
+        trainer = det.Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        results = trainer.train()
+    if comm.is_main_process() and results:
+        det.write_ap_table(results, cfg.OUTPUT_DIR, cfg.DATASETS.TEST)
+    return results
+
+
+def invoke_main() -> None:
+    args = argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()
