@@ -1,0 +1,102 @@
+"""Fixtures for the detectron2 plug-in tests: an exported timm ResNet-34 and a tiny COCO set.
+
+The whole module is skipped when detectron2 is missing, with the command that installs it
+(CI installs it, see det/install_detectron2.sh), rather than failing on an ImportError.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("detectron2", reason="detectron2 is not installed: run det/install_detectron2.sh")
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # ``det`` is this checkout's package, whatever is installed
+    sys.path.insert(0, str(REPO))
+
+CATEGORIES = [{"id": 1, "name": "square"}, {"id": 2, "name": "triangle"}]
+COLORS = {1: (220, 40, 40), 2: (40, 200, 60)}
+
+
+def make_tiny_coco(root: Path, n_images: int = 4, size: int = 128, seed: int = 0) -> tuple[Path, Path]:
+    """Write ``n_images`` PNGs with filled squares/triangles and their COCO polygon annotations.
+
+    Returns (annotation json, image folder). Shapes are solid colours on a grey background so a
+    detector can in principle learn them, and every annotation is a real polygon mask.
+    """
+    rng = random.Random(seed)
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for image_id in range(1, n_images + 1):
+        img = Image.new("RGB", (size, size), (128, 128, 128))
+        draw = ImageDraw.Draw(img)
+        for _ in range(2):
+            cat = rng.choice([1, 2])
+            w = rng.randint(size // 4, size // 2)
+            x0, y0 = rng.randint(0, size - w - 1), rng.randint(0, size - w - 1)
+            if cat == 1:
+                pts = [(x0, y0), (x0 + w, y0), (x0 + w, y0 + w), (x0, y0 + w)]
+            else:
+                pts = [(x0, y0 + w), (x0 + w // 2, y0), (x0 + w, y0 + w)]
+            draw.polygon(pts, fill=COLORS[cat])
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            area = float(w * w if cat == 1 else w * w / 2)
+            annotations.append({
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": cat,
+                "segmentation": [[float(c) for p in pts for c in p]],
+                "bbox": [float(min(xs)), float(min(ys)), float(max(xs) - min(xs)), float(max(ys) - min(ys))],
+                "area": area,
+                "iscrowd": 0,
+            })
+        name = f"{image_id:04d}.png"
+        img.save(images_dir / name)
+        images.append({"id": image_id, "file_name": name, "width": size, "height": size})
+    ann = root / "annotations.json"
+    ann.write_text(json.dumps({"images": images, "annotations": annotations, "categories": CATEGORIES}))
+    return ann, images_dir
+
+
+@pytest.fixture(scope="session")
+def resnet34_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run dir laid out like timm_local's training output: RUN/export/{model.safetensors,config.json}.
+
+    Random init, but BatchNorm running statistics are randomised too, so that a loader that
+    skipped them (or mixed them up) would change the features.
+    """
+    torch.manual_seed(0)
+    model = timm.create_model("resnet34")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    run = tmp_path_factory.mktemp("run_resnet34")
+    timm.models.save_for_hf(model, run / "export", safe_serialization=True)
+    return run
+
+
+@pytest.fixture(scope="session")
+def resnet18_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An export of another architecture, for the mismatch error."""
+    folder = tmp_path_factory.mktemp("export_resnet18")
+    timm.models.save_for_hf(timm.create_model("resnet18"), folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_coco(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_tiny_coco(tmp_path_factory.mktemp("tiny_coco"))
