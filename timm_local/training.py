@@ -248,6 +248,7 @@ def _save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, meta
 
 def _check_compatible(meta: dict[str, Any], expected: dict[str, Any], checkpoint: Path) -> None:
     """Refuse checkpoints whose weights belong to another model/method; warn on recipe changes."""
+    expected = json.loads(json.dumps(expected))  # compare as stored (tuples -> lists)
     wrong = [k for k in ("model", "method", "method_config", "num_classes", "in_chans")
              if k in meta and meta[k] != expected[k]]
     if wrong:
@@ -414,8 +415,18 @@ def build_local_model(cfg: TrainConfig, data: DataConfig) -> Any:
     """The LocalModel of a run: ``cfg.model`` from timm's registry with ``cfg.method``'s heads."""
     import timm_local
 
+    method_kwargs = _method_kwargs(cfg)
+    if "mean" not in method_kwargs and "std" not in method_kwargs:
+        # methods that reconstruct the input (InfoPro) must de-normalise with the statistics the data
+        # pipeline actually used, not the architecture's default pretrained_cfg ones
+        try:
+            timm_local.create_method(cfg.method, **method_kwargs, mean=data.mean, std=data.std)
+        except TypeError:
+            pass  # the method does not take mean/std
+        else:
+            method_kwargs.update(mean=list(data.mean), std=list(data.std))
     return timm_local.create_local_model(
-        cfg.model, method=cfg.method, method_kwargs=_method_kwargs(cfg),
+        cfg.model, method=cfg.method, method_kwargs=method_kwargs,
         input_size=(data.in_chans, data.image_size, data.image_size),
         num_classes=data.num_classes, in_chans=data.in_chans, **dict(cfg.model_kwargs or {}),
     )
