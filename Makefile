@@ -1,0 +1,39 @@
+# Two commands do all the set-up from a fresh clone: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DET_STAMP := $(VENV)/.detectron2
+RUN_DIR ?= runs/make-run
+
+.PHONY: install install-det run test test-slow clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# detectron2 is not on PyPI: det/install_detectron2.sh installs the upstream wheel (or keeps
+# the user's own detectron2) into the venv; the det tests need it.
+$(DET_STAMP): $(STAMP) det/install_detectron2.sh
+	bash det/install_detectron2.sh $(BIN)/python
+	touch $(DET_STAMP)
+
+install-det: $(DET_STAMP)
+
+# A short real AugLocal run on scikit-learn's digits (ships with a dependency: no download).
+run: install
+	$(BIN)/python tools/train.py --model resnet20_cifar --method auglocal --aux-depth 3 \
+		--epochs 2 --output-dir $(RUN_DIR)
+
+test: install install-det
+	$(BIN)/python -m pytest
+
+test-slow: install install-det
+	$(BIN)/python -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) runs
