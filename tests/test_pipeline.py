@@ -19,7 +19,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import timm_local
-from timm_local.engine import PipelineTopology, PipelineTrainer, balanced_cut, launch_local, segment_ranges
+from timm_local.engine import (
+    PipelineTopology,
+    PipelineTrainer,
+    balanced_cut,
+    launch_local,
+    local_stage_costs,
+    segment_ranges,
+)
 from timm_local.methods import LocalHead, LocalMethod, LocalStage, register_method
 from timm_local.partition import Partition
 
@@ -189,7 +196,7 @@ def _assert_optim_close(actual: dict[str, Any], expected: dict[str, Any]) -> Non
 def _worker(method: str, num_segments: int, steps: int, resume_cut: list[int] | None, resume_steps: int) -> dict[str, Any]:
     rank = dist.get_rank()
     model = _build(method, SEED + 1000 * rank)
-    trainer = PipelineTrainer(model, num_segments, input_size=(3, SIZE, SIZE), verbose=False)
+    trainer = PipelineTrainer(model, num_segments, cost_measure="macs", input_size=(3, SIZE, SIZE), verbose=False)
     optimizer = _optimizer(model)
     data = _data(steps, trainer.num_replicas)[trainer.replica]
     result: dict[str, Any] = {"losses": _train(trainer, optimizer, data), "cut": trainer.cut,
@@ -201,7 +208,7 @@ def _worker(method: str, num_segments: int, steps: int, resume_cut: list[int] | 
         segment_state = trainer.state_dict()
         model2 = _build(method, 7 + rank)
         model2.load_state_dict(result["state"])
-        trainer2 = PipelineTrainer(model2, num_segments, cut=resume_cut, verbose=False)
+        trainer2 = PipelineTrainer(model2, num_segments, cut=resume_cut, cost_measure="macs", verbose=False)
         optimizer2 = _optimizer(model2)
         optimizer2.load_state_dict(copy.deepcopy(result["optim"]))  # load_state_dict aliases tensors
         with pytest.raises(ValueError, match="same cut"):
@@ -264,6 +271,30 @@ def test_balanced_cut_and_topology_errors() -> None:
     topo = PipelineTopology.create(world_size=4, rank=3, num_segments=2)
     assert (topo.segment, topo.replica, topo.num_replicas, topo.is_last, topo.prev_rank) == (1, 1, 2, True, 2)
     assert topo.replica_group_ranks(1) == [1, 3]
+
+
+@pytest.mark.parametrize("measure", ["macs", "time"])
+def test_stage_costs_include_heads_and_leave_the_model_untouched(measure: str) -> None:
+    model = _build("auglocal", SEED)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with _one_thread():  # tiny kernels on a shared machine: one thread avoids OpenMP contention
+        costs = local_stage_costs(model, (3, SIZE, SIZE), measure, batch_size=4, repeats=1)
+    assert len(costs) == len(model.stages) and all(c > 0 for c in costs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN stats too
+    assert all(p.grad is None for p in model.parameters())
+    if measure == "macs":  # the auxiliary networks are counted: AugLocal d=3 costs well over BP
+        bp = timm_local.create_local_model(MODEL, "bp", input_size=(3, SIZE, SIZE))
+        with _one_thread():
+            assert sum(costs) > 1.5 * sum(local_stage_costs(bp, (3, SIZE, SIZE)))
+
+
+def test_invalid_cut_is_a_clear_error() -> None:
+    from timm_local.engine.cut import validate_cut
+
+    with pytest.raises(ValueError, match="needs 2 start indices"):
+        validate_cut([0], 9, 2)
+    with pytest.raises(ValueError, match="begin at 0, increase strictly"):
+        validate_cut([0, 9], 9, 2)
 
 
 def test_trainer_needs_a_process_group() -> None:

@@ -384,9 +384,12 @@ class PipelineTrainer:
         num_segments: W, the number of pipeline stages; default: the world size (R = 1).
         cut: start index (into ``model.stages``) of each segment; default: balanced cut.
         costs: per-local-stage costs for the balanced cut; default: estimated on rank 0.
-        cost_measure: ``"macs"`` (deterministic) or ``"time"`` (measured), see :mod:`.cut`.
+        cost_measure: ``"time"`` (measured on rank 0's device: on CPU, early high-resolution
+            stages cost ~1.5x more per MAC than late ones, which a MAC count cannot see) or
+            ``"macs"`` (deterministic). The cut only changes speed, never results: any cut
+            computes exactly the sequential engine's step.
         input_size: (C, H, W) for the cost estimate; default: the backbone's pretrained_cfg.
-        cost_batch_size: batch size for the ``"time"`` estimate.
+        cost_batch_size: batch size for the ``"time"`` estimate (use the per-replica batch).
         device: where this rank computes; default: ``cuda:LOCAL_RANK`` under NCCL, else the
             model's current device.
         sync_init: broadcast rank 0's weights to all ranks first (as DDP does), so that
@@ -401,7 +404,7 @@ class PipelineTrainer:
         *,
         cut: Sequence[int] | None = None,
         costs: Sequence[float] | None = None,
-        cost_measure: CostMeasure = "macs",
+        cost_measure: CostMeasure = "time",
         input_size: Sequence[int] | None = None,
         cost_batch_size: int | None = None,
         device: torch.device | str | None = None,
