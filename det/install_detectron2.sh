@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install detectron2 into the Python environment given by $PYTHON (default: python).
+# Install detectron2 into the Python environment of the interpreter given as the first argument
+# (or $PYTHON; default: python).
 #
 # Why this route: detectron2 is not published on PyPI, and building it from source needs a
 # compiler plus a CUDA toolkit matching torch. The det plug-in only uses pure-Python parts of
@@ -10,10 +11,10 @@
 # Idempotent: if `import detectron2` already works (a user's own detectron2, or a previous run),
 # nothing is touched.
 #
-# Usage:  PYTHON=.venv/bin/python det/install_detectron2.sh
+# Usage:  bash det/install_detectron2.sh .venv/bin/python    (or PYTHON=.venv/bin/python ...)
 set -euo pipefail
 
-PYTHON="${PYTHON:-python}"
+PYTHON="${1:-${PYTHON:-python}}"
 D2_VERSION="${D2_VERSION:-0.7.2}"
 
 if found="$("$PYTHON" -c 'import detectron2, os; print(detectron2.__version__, os.path.dirname(detectron2.__file__))' 2>/dev/null)"; then

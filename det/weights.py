@@ -49,7 +49,8 @@ class TimmWeights:
     Attributes:
         spec: the string the user gave.
         file: the weights file that will be read.
-        folder: the export folder (``config.json`` beside the weights) usable as ``local-dir:``.
+        folder: the export folder to load with ``local-dir:`` (None for a file or a hub id
+            whose files are not side by side: those load with ``pretrained_cfg_overlay``).
         config: the parsed ``config.json`` (``architecture``, ``pretrained_cfg``, ...), if any.
     """
 
@@ -145,11 +146,9 @@ def resolve_weights(spec: str | Path) -> TimmWeights:
         if (path / "export").is_dir() and not (path / "config.json").is_file():
             path = path / "export"  # a training run directory
         return TimmWeights(spec, _weights_in_folder(path), path, _read_config(path))
-    folder = path.parent if (path.parent / "config.json").is_file() else None
-    config = _read_config(folder) if folder is not None else {}
-    if folder is not None and _weights_in_folder(folder) != path:
-        folder = None  # config.json describes another file; do not hand the folder to local-dir:
-    return TimmWeights(spec, path, folder, config)
+    # A file is loaded as a file (pretrained_cfg_overlay); a config.json beside it still tells
+    # the architecture, its constructor arguments and its preprocessing.
+    return TimmWeights(spec, path, None, _read_config(path.parent))
 
 
 def checkpoint_shapes(file: Path) -> dict[str, tuple[int, ...]]:
@@ -327,8 +326,7 @@ def create_timm_features(
             arch,
             pretrained=True,
             pretrained_cfg_overlay=dict(file=str(resolved.file)),
-            **model_args,
-            **common,
+            **{**model_args, **common},
         )
     if in_chans == 3:  # otherwise timm adapts the first conv on purpose, so it differs
         _verify_loaded(features, resolved, reference)

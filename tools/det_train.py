@@ -10,7 +10,7 @@ with the timm plug-in (``det``) registered and its config keys added. Examples::
     # any COCO-format dataset, no Python needed (classes come from the JSON's categories):
     python tools/det_train.py --config-file configs/det/mask_rcnn_R34_FPN_1x.yaml \\
         --train-json train.json --train-images train/ --test-json val.json --test-images val/ \\
-        MODEL.TIMM.WEIGHTS runs/imagenet/resnet34_bp SOLVER.IMS_PER_BATCH 4
+        MODEL.TIMM.WEIGHTS runs/imagenet-resnet34-bp SOLVER.IMS_PER_BATCH 4
 
     # evaluate a trained detector, or resume an interrupted run:
     python tools/det_train.py --config-file ... --eval-only MODEL.WEIGHTS runs/det/.../model_final.pth

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
-import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 from detectron2.modeling.backbone import BACKBONE_REGISTRY
@@ -23,7 +24,7 @@ import det
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _cfg(*opts: object) -> "det.config.CN":
+def _cfg(*opts: object) -> CfgNode:
     cfg = det.add_timm_config(get_cfg())
     cfg.merge_from_file(str(REPO / "configs" / "det" / "mask_rcnn_R34_FPN_1x.yaml"))
     cfg.merge_from_list([str(o) for o in opts])
@@ -37,22 +38,23 @@ def _reference_features(export: Path, x: torch.Tensor) -> list[torch.Tensor]:
         return ref.eval()(x)
 
 
-def _weights_spec(run: Path, form: str) -> str:
+def _weights_spec(run: Path, form: str, scratch: Path) -> str:
+    """MODEL.TIMM.WEIGHTS in the given form; the bare file has no config.json beside it."""
     export = run / "export"
-    return {
-        "run-dir": str(run),
-        "safetensors-file": str(export / "model.safetensors"),
-        "local-dir": f"local-dir:{export}",
-    }[form]
+    if form == "safetensors-file":
+        bare = scratch / "r34.safetensors"
+        shutil.copyfile(export / "model.safetensors", bare)
+        return str(bare)
+    return {"run-dir": str(run), "local-dir": f"local-dir:{export}"}[form]
 
 
 @pytest.mark.parametrize("form", ["run-dir", "safetensors-file", "local-dir"])
-def test_backbone_features_equal_timm(resnet34_run: Path, form: str) -> None:
+def test_backbone_features_equal_timm(resnet34_run: Path, form: str, tmp_path: Path) -> None:
     """Feature maps inside detectron2 (registry-built FPN's bottom-up) equal timm's own, bit for bit.
 
     NORM BN keeps timm's layers, so the arithmetic is identical and equality must be exact.
     """
-    cfg = _cfg("MODEL.TIMM.WEIGHTS", _weights_spec(resnet34_run, form), "MODEL.TIMM.NORM", "BN",
+    cfg = _cfg("MODEL.TIMM.WEIGHTS", _weights_spec(resnet34_run, form, tmp_path), "MODEL.TIMM.NORM", "BN",
                "MODEL.TIMM.FREEZE_AT", 0)
     fpn = build_backbone(cfg)
     assert type(fpn).__name__ == "FPN"
@@ -83,7 +85,7 @@ def test_recipe_backbone_matches_timm_with_frozen_bn(resnet34_run: Path) -> None
 
     FrozenBN folds the statistics into a scale and shift, so equality is up to float rounding.
     """
-    backbone = build_backbone(_cfg("MODEL.TIMM.WEIGHTS", _weights_spec(resnet34_run, "run-dir"))).bottom_up
+    backbone = build_backbone(_cfg("MODEL.TIMM.WEIGHTS", str(resnet34_run))).bottom_up
     torch.manual_seed(2)
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
@@ -134,9 +136,13 @@ def test_other_family_lists_both_sides(resnet34_run: Path) -> None:
     assert "4 shape mismatches: bn1.bias: checkpoint [64] vs model [32]" in msg
 
 
-def test_missing_weights_path_is_a_clear_error(tmp_path: Path) -> None:
+def test_missing_weights_path_is_a_clear_error(tmp_path: Path, resnet34_run: Path) -> None:
     with pytest.raises(FileNotFoundError, match="MODEL.TIMM.WEIGHTS"):
         det.create_timm_features("resnet34", tmp_path / "nope")
+    bare = tmp_path / "r34.safetensors"
+    shutil.copyfile(resnet34_run / "export" / "model.safetensors", bare)
+    with pytest.raises(ValueError, match="no config.json naming the architecture"):
+        det.create_timm_features("", bare)
 
 
 def test_freeze_at_and_frozen_bn(resnet34_run: Path) -> None:
@@ -227,8 +233,6 @@ def test_ap_table_format(tmp_path: Path) -> None:
     table = det.write_ap_table(results, tmp_path)
     assert "| val | bbox | 36.30 | 58.00 | 39.10 | 21.00 | 39.50 | n/a |" in table
     assert (tmp_path / "ap_table.md").read_text().strip() == table
-    import json
-
     saved = json.loads((tmp_path / "ap_results.json").read_text())
     assert saved["val"]["bbox"]["APl"] is None and saved["val"]["segm"]["AP"] == 33.8
 
@@ -240,8 +244,7 @@ def test_ap_table_format(tmp_path: Path) -> None:
 def test_install_script_leaves_existing_detectron2_alone() -> None:
     """det/install_detectron2.sh is idempotent: an importable detectron2 is used as is."""
     proc = subprocess.run(
-        ["bash", str(REPO / "det" / "install_detectron2.sh")],
-        env={**os.environ, "PYTHON": sys.executable},
+        ["bash", str(REPO / "det" / "install_detectron2.sh"), sys.executable],  # as the Makefile calls it
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

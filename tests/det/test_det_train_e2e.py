@@ -103,3 +103,18 @@ def test_train_then_eval_only(resnet34_run: Path, tiny_coco: tuple[Path, Path], 
                 assert evaluated[task][metric] is None
             else:
                 assert evaluated[task][metric] == pytest.approx(value, abs=1e-6), (task, metric)
+
+
+@pytest.mark.slow
+def test_detector_learns_the_tiny_dataset(resnet34_run: Path, tiny_coco: tuple[Path, Path], tmp_path: Path) -> None:
+    """Slow: enough iterations for the detector to actually find the shapes it was trained on."""
+    ann, images = tiny_coco
+    out = tmp_path / "learn"
+    _det_train("--config-file", str(REPO / "configs" / "det" / "mask_rcnn_R34_FPN_1x.yaml"),
+               "--train-json", str(ann), "--train-images", str(images),
+               "--test-json", str(ann), "--test-images", str(images),
+               "MODEL.TIMM.WEIGHTS", str(resnet34_run), *SMALL, "SOLVER.MAX_ITER", "60",
+               "SOLVER.LOG_PERIOD", "20", "OUTPUT_DIR", str(out), cwd=tmp_path)
+    ap = _ap(out)
+    # measured here: bbox AP50 77.7 and segm AP50 77.7 after 60 iterations (seed 0); 0 after 8
+    assert ap["bbox"]["AP50"] > 30.0 and ap["segm"]["AP50"] > 30.0, ap
