@@ -8,5 +8,8 @@ supported model works too. See docs/families.md for registering your own.
 from ._registry import FamilyAdapter, adapter_for, list_families, register_family
 from . import resnet as _resnet  # noqa: F401  (registers the adapter)
 from . import cifar_vgg as _cifar_vgg  # noqa: F401
+from . import efficientnet as _efficientnet  # noqa: F401
+from . import regnet as _regnet  # noqa: F401
+from . import vgg as _vgg  # noqa: F401
 
 __all__ = ["FamilyAdapter", "adapter_for", "list_families", "register_family"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch.nn as nn
-from timm.models.resnet import BasicBlock, Bottleneck, ResNet, downsample_conv
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet, downsample_avg, downsample_conv
 
 from ..models.cifar_resnet import CifarResNet
 from ._registry import FamilyAdapter, register_family
@@ -46,7 +46,9 @@ class ResNetFamily(FamilyAdapter):
         norm_layer = type(block.bn1)
         downsample = None
         if stride != 1 or in_chs != out_chs:
-            downsample = downsample_conv(in_chs, out_chs, kernel_size=1, stride=stride, norm_layer=norm_layer)
+            # 'd' variants (avg_down) project through avg-pool + 1x1 conv: copy that shortcut kind too
+            shortcut = downsample_avg if _uses_avg_down(model) else downsample_conv
+            downsample = shortcut(in_chs, out_chs, kernel_size=1, stride=stride, norm_layer=norm_layer)
         se = getattr(block, "se", None)
         return block_cls(
             in_chs,
@@ -60,3 +62,11 @@ class ResNetFamily(FamilyAdapter):
             norm_layer=norm_layer,
             attn_layer=type(se) if isinstance(se, nn.Module) else None,
         )
+
+
+def _uses_avg_down(model: nn.Module) -> bool:
+    """True when the model's projection shortcuts are timm's ``downsample_avg`` (pool, conv, norm)."""
+    return any(
+        isinstance(m, (BasicBlock, Bottleneck)) and isinstance(m.downsample, nn.Sequential) and len(m.downsample) == 3
+        for m in model.modules()
+    )

@@ -1,0 +1,212 @@
+"""timm's ``EfficientNet`` class: EfficientNet-B0..B8, MobileNetV2, MNASNet, FBNet, EfficientNetV2...
+
+Local blocks, in execution order (AUGLOCAL.md §1, §4 A.4):
+
+* ``stem``: ``conv_stem`` + ``bn1``;
+* every block of ``blocks`` (depthwise-separable, inverted residual, edge residual, conv-bn-act),
+  one local block each;
+* ``conv_head``: ``conv_head`` + ``bn2``, the 1x1 head convolution, when the model has one.
+
+Why the head convolution is a local block of its own: it is a full conv-BN-act layer of the
+feature extractor (timm runs it in ``forward_features``), exactly like the stem, and counting
+both is what gives the paper's L for MobileNetV2 (stem + 17 blocks + head conv = 19). The
+paper's EfficientNet-B0 (the pytorch-cifar model, L = 17) has no head convolution at all, while
+timm's ``efficientnet_b0`` does, so timm's gets one more local block (18); see
+tests/test_families.py for the pinned counts.
+
+Auxiliary copies are built with timm's own block classes, with the configuration read back from
+the primary block (kernel sizes, expansion ratio, group size, SE reduction, activation, norm and
+its eps/momentum, padding type, skip rule), so a copy with the primary's own input width and
+stride has exactly the primary's architecture (checked block by block in the tests).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch.nn as nn
+from timm.models._efficientnet_blocks import (
+    ConvBnAct,
+    CondConvResidual,
+    DepthwiseSeparableConv,
+    EdgeResidual,
+    InvertedResidual,
+    SqueezeExcite,
+)
+from timm.models.efficientnet import EfficientNet
+
+from ._layers import act_layer_of, norm_layer_like, pad_type_of
+from ._registry import FamilyAdapter, register_family
+
+SUPPORTED_BLOCKS = (DepthwiseSeparableConv, InvertedResidual, EdgeResidual, ConvBnAct)
+
+
+def _group_size(conv: nn.Conv2d) -> int:
+    """timm's ``group_size`` argument for a conv: 0 = dense conv, else channels per group (1 = depthwise)."""
+    return 0 if conv.groups == 1 else conv.in_channels // conv.groups
+
+
+def _stride(conv: nn.Conv2d, aa: nn.Module) -> int:
+    """The block's stride: on the conv, or on its anti-aliasing layer when it has one."""
+    if not isinstance(aa, nn.Identity):
+        return int(getattr(aa, "stride", 2))
+    return int(conv.stride[0])
+
+
+def _aa_layer(aa: nn.Module) -> type[nn.Module] | None:
+    return None if isinstance(aa, nn.Identity) else type(aa)
+
+
+def _se_layer_like(se: nn.Module) -> functools.partial | None:
+    """An SE factory ``f(chs, act_layer=...)`` that reduces like ``se`` does, or None if no SE.
+
+    The reduction is kept as a ratio of the SE's own input channels (the builder's
+    ``se_ratio / exp_ratio`` for inverted residuals), so it scales with the copy's width; the
+    SE activation and gate are the primary's.
+    """
+    if isinstance(se, nn.Identity):
+        return None
+    if type(se) is not SqueezeExcite:
+        raise NotImplementedError(
+            f"efficientnet adapter cannot copy attention layer {type(se).__name__}; only timm's "
+            "EfficientNet SqueezeExcite is supported"
+        )
+    return functools.partial(
+        SqueezeExcite,
+        rd_ratio=se.conv_reduce.out_channels / se.conv_reduce.in_channels,
+        force_act_layer=type(se.act1),
+        gate_layer=type(se.gate),
+    )
+
+
+def _noskip(block: nn.Module, in_chs: int, out_chs: int, stride: int) -> bool:
+    """True when the primary could have had a skip (same shape) but was built without one."""
+    return in_chs == out_chs and stride == 1 and not block.has_skip
+
+
+@register_family
+class EfficientNetFamily(FamilyAdapter):
+    """Stem, every block of ``blocks``, and the head conv (see the module docstring for why)."""
+
+    name = "efficientnet"
+    model_classes = (EfficientNet,)
+
+    def local_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        blocks: list[tuple[str, nn.Module]] = [("stem", nn.Sequential(model.conv_stem, model.bn1))]
+        for i, stage in enumerate(model.blocks):
+            for j, block in enumerate(stage):
+                if not isinstance(block, SUPPORTED_BLOCKS) or isinstance(block, CondConvResidual):
+                    raise NotImplementedError(
+                        f"efficientnet adapter cannot cut blocks.{i}.{j}: {type(block).__name__} is not "
+                        f"supported (supported: {', '.join(c.__name__ for c in SUPPORTED_BLOCKS)}); "
+                        "see docs/families.md to register an adapter that handles it"
+                    )
+                if getattr(block, "conv_s2d", None) is not None:
+                    raise NotImplementedError(
+                        f"efficientnet adapter cannot copy blocks.{i}.{j}: space-to-depth blocks are not supported"
+                    )
+                blocks.append((f"blocks.{i}.{j}", block))
+        if not isinstance(model.conv_head, nn.Identity):
+            blocks.append(("conv_head", nn.Sequential(model.conv_head, model.bn2)))
+        elif not isinstance(model.bn2, nn.Identity):
+            raise NotImplementedError("efficientnet adapter: a bn2 without conv_head is not supported")
+        return blocks
+
+    def make_block_like(
+        self, model: nn.Module, block: nn.Module, in_chs: int, out_chs: int, stride: int
+    ) -> nn.Module:
+        pad_type = pad_type_of(model)
+        if isinstance(block, nn.Sequential):  # the head conv: conv_head + bn2
+            conv, norm = block[0], block[1]
+            return ConvBnAct(
+                in_chs,
+                out_chs,
+                kernel_size=conv.kernel_size[0],
+                stride=stride,
+                dilation=conv.dilation[0],
+                group_size=_group_size(conv),
+                pad_type=pad_type,
+                act_layer=act_layer_of(norm),
+                norm_layer=norm_layer_like(norm, model),
+            )
+        if isinstance(block, CondConvResidual):
+            raise NotImplementedError("efficientnet adapter cannot copy CondConvResidual blocks")
+        if isinstance(block, InvertedResidual):
+            primary_in = block.conv_pw.in_channels
+            mid = block.conv_pw.out_channels
+            return InvertedResidual(
+                in_chs,
+                out_chs,
+                dw_kernel_size=block.conv_dw.kernel_size[0],
+                stride=stride,
+                dilation=block.conv_dw.dilation[0],
+                group_size=_group_size(block.conv_dw),
+                pad_type=pad_type,
+                noskip=_noskip(block, primary_in, block.conv_pwl.out_channels, _stride(block.conv_dw, block.aa)),
+                exp_ratio=mid / primary_in,
+                exp_kernel_size=block.conv_pw.kernel_size[0],
+                pw_kernel_size=block.conv_pwl.kernel_size[0],
+                act_layer=act_layer_of(block.bn1),
+                norm_layer=norm_layer_like(block.bn1, model),
+                aa_layer=_aa_layer(block.aa),
+                se_layer=_se_layer_like(block.se),
+            )
+        if isinstance(block, DepthwiseSeparableConv):
+            primary_in = block.conv_dw.in_channels
+            return DepthwiseSeparableConv(
+                in_chs,
+                out_chs,
+                dw_kernel_size=block.conv_dw.kernel_size[0],
+                stride=stride,
+                dilation=block.conv_dw.dilation[0],
+                group_size=_group_size(block.conv_dw),
+                pad_type=pad_type,
+                noskip=_noskip(block, primary_in, block.conv_pw.out_channels, _stride(block.conv_dw, block.aa)),
+                pw_kernel_size=block.conv_pw.kernel_size[0],
+                pw_act=block.has_pw_act,
+                act_layer=act_layer_of(block.bn1),
+                norm_layer=norm_layer_like(block.bn1, model),
+                aa_layer=_aa_layer(block.aa),
+                se_layer=_se_layer_like(block.se),
+            )
+        if isinstance(block, EdgeResidual):
+            primary_in = block.conv_exp.in_channels
+            return EdgeResidual(
+                in_chs,
+                out_chs,
+                exp_kernel_size=block.conv_exp.kernel_size[0],
+                stride=stride,
+                dilation=block.conv_exp.dilation[0],
+                # timm counts EdgeResidual groups on the expanded (output) width
+                group_size=0 if block.conv_exp.groups == 1 else block.conv_exp.out_channels // block.conv_exp.groups,
+                pad_type=pad_type,
+                noskip=_noskip(block, primary_in, block.conv_pwl.out_channels, _stride(block.conv_exp, block.aa)),
+                exp_ratio=block.conv_exp.out_channels / primary_in,
+                pw_kernel_size=block.conv_pwl.kernel_size[0],
+                act_layer=act_layer_of(block.bn1),
+                norm_layer=norm_layer_like(block.bn1, model),
+                aa_layer=_aa_layer(block.aa),
+                se_layer=_se_layer_like(block.se),
+            )
+        if isinstance(block, ConvBnAct):
+            primary_in = block.conv.in_channels
+            primary_out = block.conv.out_channels
+            primary_stride = _stride(block.conv, block.aa)
+            # A skip is only visible when the primary's shapes allow one; otherwise keep timm's default.
+            skip = block.has_skip if (primary_in == primary_out and primary_stride == 1) else False
+            return ConvBnAct(
+                in_chs,
+                out_chs,
+                kernel_size=block.conv.kernel_size[0],
+                stride=stride,
+                dilation=block.conv.dilation[0],
+                group_size=_group_size(block.conv),
+                pad_type=pad_type,
+                skip=skip,
+                act_layer=act_layer_of(block.bn1),
+                norm_layer=norm_layer_like(block.bn1, model),
+                aa_layer=_aa_layer(block.aa),
+            )
+        raise TypeError(
+            f"efficientnet adapter can copy {', '.join(c.__name__ for c in SUPPORTED_BLOCKS)} and the "
+            f"head conv, not {type(block).__name__}"
+        )
