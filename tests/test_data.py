@@ -92,6 +92,9 @@ def test_missing_named_dataset_says_where_it_looked(tmp_path, monkeypatch):
     assert "Nothing is downloaded" in msg
     with pytest.raises(tld.DatasetNotFoundError, match="not a built-in name"):
         tld.load_image_sources("no_such_dataset")
+    # an owner/name-looking typo is not sent to the hub (offline that retries for ~30 s): hf-hub: is explicit
+    with pytest.raises(tld.DatasetNotFoundError, match="hf-hub:OWNER/NAME"):
+        tld.load_image_sources("someone/cifar10_typo")
     (tmp_path / "empty").mkdir()
     with pytest.raises(tld.DatasetNotFoundError, match="not a dataset in a supported layout"):
         tld.load_image_sources(str(tmp_path / "empty"))

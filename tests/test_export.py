@@ -10,11 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 import timm
-import timm_local
 from timm_local.config import config_from_dict
 from timm_local.export import (export_backbone, load_exported, pretrained_cfg_overlay, push_export_to_hub,
                                read_export_metadata)
-from timm_local.training import export_run, latest_checkpoint, train
+from timm_local.training import latest_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +28,16 @@ def _load(name: str, path: Path):
 fx = _load("_fixtures", Path(__file__).with_name("test_data_fixtures.py"))
 export_tool = _load("_export_tool", ROOT / "tools" / "export.py")
 push_tool = _load("_push_tool", ROOT / "tools" / "push_to_hub.py")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine the threads'
+    spin-waiting costs several times the work itself; restore the setting for other test modules."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

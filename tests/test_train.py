@@ -5,7 +5,6 @@ Tiny on purpose (2 CPU cores shared): resnet20_cifar at 8x8 pixels, 16 training 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -35,6 +34,16 @@ def _load(name: str, path: Path):
 fx = _load("_fixtures", Path(__file__).with_name("test_data_fixtures.py"))
 train_tool = _load("_train_tool", ROOT / "tools" / "train.py")
 plot_tool = _load("_plot_tool", ROOT / "tools" / "plot.py")
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine the threads'
+    spin-waiting costs several times the work itself; restore the setting for other test modules."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 TINY = ["--image-size", "8", "--batch-size", "8", "--workers", "0", "--trackers", "none", "--lr", "0.05",
         "--log-every", "1", "--seed", "0"]

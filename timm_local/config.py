@@ -41,7 +41,7 @@ class TrainConfig:
 
     # --- data ---------------------------------------------------------------------------------
     dataset: Optional[str] = field(default=None, metadata={
-        "help": "built-in name (digits, cifar10, ...), a local folder, or an HF hub id; None = digits"})
+        "help": "built-in name (digits, cifar10, ...), a local folder, or hf-hub:OWNER/NAME; None = digits"})
     data_dir: Optional[str] = field(default=None, metadata={
         "help": "where a named dataset's files are (torchvision root, save_to_disk, parquet, class folders, "
                 "or hf-hub:ID)"})

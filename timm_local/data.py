@@ -5,8 +5,8 @@ What this module guarantees, and why:
 * **No silent downloads.** Named datasets (``cifar10``, ``mnist``, ...) are only ever read from
   disk. A missing dataset raises :class:`DatasetNotFoundError` listing every place that was
   searched and how to provide the data; a run on a machine without network never hangs on a
-  download attempt. The one exception is an explicit Hugging Face hub id
-  (``--dataset uoft-cs/cifar10`` or ``hf-hub:uoft-cs/cifar10``), where the user asked for the hub.
+  download attempt. The one exception is an explicit Hugging Face hub id with timm's prefix
+  (``--dataset hf-hub:uoft-cs/cifar10``), where the user asked for the hub.
 * **One resolution path for every format.** A dataset is a name, a local path or a hub id; a named
   dataset's ``data_dir`` may be a torchvision-format root (``cifar-10-batches-py``, SVHN ``.mat``,
   ``stl10_binary``, MNIST IDX files, ``.gz`` or not), an HF ``save_to_disk`` folder, a folder of
@@ -27,7 +27,7 @@ import gzip
 import hashlib
 import os
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
@@ -555,8 +555,9 @@ def _search_roots(name: str, data_dir: Optional[str]) -> list[Path]:
 
 
 def _is_hub_id(text: str) -> bool:
-    return text.startswith("hf-hub:") or (text.count("/") == 1 and not text.startswith((".", "/", "~"))
-                                          and not Path(text).exists())
+    """Only an explicit ``hf-hub:`` prefix means the hub: a mistyped local path must not turn into a
+    network request (which, offline, retries for half a minute before failing)."""
+    return text.startswith("hf-hub:")
 
 
 def load_image_sources(
@@ -568,7 +569,7 @@ def load_image_sources(
     """Resolve ``dataset`` (+ ``data_dir``) to train and test image sources, without transforms.
 
     ``dataset`` is a built-in name (see :func:`list_datasets`), a local folder, or an HF hub id
-    (``owner/name`` or ``hf-hub:owner/name``); ``None`` means :data:`DEFAULT_DATASET`. For a named
+    (``hf-hub:owner/name``); ``None`` means :data:`DEFAULT_DATASET`. For a named
     dataset, ``data_dir`` is where its files are (any supported format, or ``hf-hub:ID``); without it
     ``$TIMM_LOCAL_DATA_DIR`` and ``./data`` are searched. Never downloads unless given a hub id.
     """
@@ -608,15 +609,15 @@ def load_image_sources(
                 f"({', '.join(list_datasets())}) with --data-dir.")
         return splits
     if _is_hub_id(dataset):
-        hub_id = dataset[len("hf-hub:"):] if dataset.startswith("hf-hub:") else dataset
+        hub_id = dataset[len("hf-hub:"):]
         splits = _hub_source(hub_id, image_column, label_column)
         for recipe in _RECIPES.values():
             if hub_id in recipe.hub_ids:
                 splits.recipe = recipe
         return splits
     raise DatasetNotFoundError(
-        f"Unknown dataset {dataset!r}: not a built-in name ({', '.join(list_datasets())}), not an existing folder, "
-        f"and not an HF hub id (owner/name).")
+        f"Unknown dataset {dataset!r}: not a built-in name ({', '.join(list_datasets())}) and no such folder "
+        f"({Path(dataset).expanduser().resolve()}). For a Hugging Face hub dataset write hf-hub:OWNER/NAME.")
 
 
 # ----------------------------------------------------------------------------------------------
