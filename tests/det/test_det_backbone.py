@@ -10,16 +10,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
-import torch
-from detectron2.config import CfgNode, get_cfg
-from detectron2.layers import ShapeSpec
-from detectron2.modeling import build_backbone
-from detectron2.modeling.backbone import BACKBONE_REGISTRY
-from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
-import det
+pytest.importorskip("detectron2", reason="detectron2 is not installed: run `make install-det`")
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+from detectron2.config import CfgNode, get_cfg  # noqa: E402
+from detectron2.layers import ShapeSpec  # noqa: E402
+from detectron2.modeling import build_backbone  # noqa: E402
+from detectron2.modeling.backbone import BACKBONE_REGISTRY  # noqa: E402
+from torch import nn  # noqa: E402
+from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
+
+import det  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

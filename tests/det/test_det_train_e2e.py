@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("detectron2", reason="detectron2 is not installed: run `make install-det`")
+
 REPO = Path(__file__).resolve().parents[2]
 MAX_ITER = 8
 
