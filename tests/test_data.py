@@ -28,6 +28,8 @@ def test_cifar10_pickle_layout_round_trip(tmp_path):
         assert splits.classes == fx.CLASSES
         assert np.array_equal(_pixels(splits.train, 7), x[7]) and splits.train[7][1] == y[7]
         assert splits.recipe.name == "cifar10"
+    # a torchvision root given as the dataset itself is recognised by its layout
+    assert tld.load_image_sources(str(tmp_path)).recipe.name == "cifar10"
 
 
 def test_mnist_idx_gz_and_plain(tmp_path):

@@ -5,6 +5,7 @@ Tiny on purpose (2 CPU cores shared): resnet20_cifar at 8x8 pixels, 16 training 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -116,6 +117,18 @@ def test_train_end_to_end(fmt, method, datasets_root, tmp_path):
     assert read_export_metadata(out / "export")["method"] == method
     if trackers:
         assert list((out / "logs").rglob("events.out.tfevents*")), "TensorBoard events expected"
+
+
+@pytest.mark.parametrize("method", sorted(set(timm_local.list_methods()) - {"bp", "auglocal"}))
+def test_every_other_method_trains_one_step(method, datasets_root, tmp_path):
+    out = tmp_path / "run"
+    assert run_train("--dataset", datasets_root / "folders", "--method", method, "--epochs", "1", "--max-steps", "1",
+                     "--output-dir", out) == 0
+    rows = read_metrics(out)
+    assert [r["kind"] for r in rows] == ["train", "eval", "summary"]
+    assert read_export_metadata(out / "export")["method"] == method
+    assert read_checkpoint_meta(latest_checkpoint(out))["method_config"] == json.loads(
+        json.dumps(yaml.safe_load((out / "config.yaml").read_text())["method_config"]))
 
 
 # ------------------------------------------------------------------------------------------------

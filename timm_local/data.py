@@ -602,6 +602,14 @@ def load_image_sources(
         root = Path(dataset).expanduser()
         splits = _local_generic_source(root, image_column, label_column)
         if splits is None:
+            # a torchvision root whose layout names the dataset (MNIST and Fashion-MNIST IDX files look
+            # alike, so those need the name)
+            for name in ("cifar10", "cifar100", "svhn", "stl10"):
+                splits = _named_source(name, root, image_column, label_column)
+                if splits is not None:
+                    splits.recipe = _RECIPES[name]
+                    return splits
+        if splits is None:
             raise DatasetNotFoundError(
                 f"{root} exists but is not a dataset in a supported layout. Supported: train/ + test/ (or val/) "
                 f"sub-folders with one folder of images per class; an HF save_to_disk folder (dataset_dict.json); "

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -536,7 +535,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     if _tracker_names(cfg.trackers):
         accelerator.init_trackers("timm_local", config=_scalar_config(cfg.to_dict()))
 
-    n_heads = len([s for s in lm.stages if s.head is not None]) if hasattr(lm, "stages") else len(lm.heads)
     params = [p for p in lm.parameters() if p.requires_grad]
 
     def save(reason: str) -> Path:
@@ -556,7 +554,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # ---- train ---------------------------------------------------------------------------------
     stopped_early = state.epoch >= cfg.epochs or (cfg.max_steps is not None and state.global_step >= cfg.max_steps)
     window_losses: Optional[torch.Tensor] = None
-    window_hits = torch.zeros(n_heads + 1, device=accelerator.device, dtype=torch.float64)
+    window_hits: Optional[torch.Tensor] = None  # correct predictions per head with logits, + the network
     window_steps, window_samples, window_t0 = 0, 0, time.perf_counter()
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
@@ -614,7 +612,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             window_losses = losses if window_losses is None else window_losses + losses
             hits = [(h.argmax(1) == y).sum() for h in out.head_logits if h is not None]
             hits.append((out.logits.argmax(1) == y).sum())
-            window_hits += torch.stack(hits).double()
+            hits_t = torch.stack(hits).double()
+            window_hits = hits_t if window_hits is None else window_hits + hits_t
             window_steps += 1
             window_samples += y.shape[0]
             progress.update(1)
@@ -635,8 +634,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                        "samples_per_s": samples / max(elapsed, 1e-9)}
                 metrics.log(row)
                 progress.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}")
-                window_losses, window_steps, window_samples = None, 0, 0
-                window_hits.zero_()
+                window_losses, window_hits, window_steps, window_samples = None, None, 0, 0
                 window_t0 = time.perf_counter()
             if cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0 \
                     and state.step_in_epoch < steps_per_epoch:
