@@ -90,14 +90,15 @@ def sequential_worker(cfg: dict[str, Any], method: str, keep_state: bool) -> dic
     optimizer = _optimizer(model)
     batches = _batches(cfg, device)
     _sync(device)
-    ends = [time.perf_counter()]
+    ends, cpu = [time.perf_counter()], [time.process_time()]
     for x, y in batches:
         optimizer.zero_grad(set_to_none=True)
         model.local_step(x, y)
         optimizer.step()
         _sync(device)
         ends.append(time.perf_counter())
-    return {"ends": ends, "state": _cpu_state(model) if keep_state else None}
+        cpu.append(time.process_time())
+    return {"ends": ends, "cpu": cpu, "state": _cpu_state(model) if keep_state else None}
 
 
 def pipeline_worker(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -113,18 +114,21 @@ def pipeline_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     batches = _batches(cfg, device) if trainer.is_first else None
     dist.barrier()
     _sync(device)
-    ends = [time.perf_counter()]
+    ends, cpu = [time.perf_counter()], [time.process_time()]
     for x, y in trainer.iterate(batches, steps=cfg["warmup"] + cfg["steps"]):
         optimizer.zero_grad(set_to_none=True)
         trainer.step(x, y)
         optimizer.step()
         _sync(device)
         ends.append(time.perf_counter())
+        cpu.append(time.process_time())
     trainer.consolidate()
     report = trainer.cut_report
     return {
         "ends": ends,
+        "cpu": cpu,
         "segment": trainer.segment,
+        "wait_times": dict(trainer.wait_times),
         "state": _cpu_state(model) if rank == 0 else None,
         "cut": {"starts": report.starts, "costs": report.costs, "measure": report.measure,
                 "segment_costs": report.segment_costs, "predicted_speedup": report.predicted_speedup},
@@ -174,17 +178,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run = dict(threads_per_process=args.threads, timeout_s=1800)
 
     seq_times, pipe_times, pipe_e2e, seq_e2e, bp_times, diffs = [], [], [], [], [], []
+    seq_cpu, pipe_cpu = [], []  # CPU seconds per step: what the run would take on idle cores
     cut: dict[str, Any] = {}
+    waits: list[dict[str, float]] = []
     for _ in range(args.repeats):
         seq = launch_local(sequential_worker, 1, args=(cfg, args.method, True), **run)[0]
         seq_times.append(_steady(seq["ends"], args.warmup))
         seq_e2e.append(seq["ends"][-1] - seq["ends"][0])
+        seq_cpu.append(_steady(seq["cpu"], args.warmup))
         ranks = launch_local(pipeline_worker, args.segments, args=(cfg,), backend=backend, **run)
         last = ranks[-1]["ends"]
         pipe_times.append(_steady(last, args.warmup))
+        pipe_cpu.append(max(_steady(r["cpu"], args.warmup) for r in ranks))
         pipe_e2e.append(last[-1] - min(r["ends"][0] for r in ranks))
         diffs.append(_max_diff(ranks[0]["state"], seq["state"]))
         cut = ranks[0]["cut"]
+        waits = [r["wait_times"] for r in ranks]
         if not args.no_bp:
             bp = launch_local(sequential_worker, 1, args=(cfg, "bp", False), **run)[0]
             bp_times.append(_steady(bp["ends"], args.warmup))
@@ -207,6 +216,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "speedup": seq_t / pipe_t,
         "speedup_end_to_end": statistics.median(seq_e2e) / statistics.median(pipe_e2e),
         "speedups_per_repeat": [s / p for s, p in zip(seq_times, pipe_times)],
+        "sequential_cpu_s_per_step": statistics.median(seq_cpu),
+        "pipelined_max_rank_cpu_s_per_step": statistics.median(pipe_cpu),
+        "speedup_cpu_time": statistics.median(seq_cpu) / statistics.median(pipe_cpu),
         "pipelined_over_bp": pipe_t / bp_t if bp_t else None,
         "sequential_over_bp": seq_t / bp_t if bp_t else None,
         "max_abs_weight_diff": max(diffs),
@@ -218,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "predicted_sequential_over_bp_macs": sum(stage_macs) / bp_macs,
         "a1_ideal_ratio_vs_bp": (d + 1) / (n_blocks + 1),
         "a1_ratio_vs_bp_at_w": n_blocks * (d + 1) / (w * (n_blocks + 1)),
+        "pipeline_wait_s_per_rank": waits,
         "loadavg_before": load_before, "loadavg_after": load_after, "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
     }
@@ -240,6 +253,9 @@ def _print_summary(r: dict[str, Any]) -> None:
         f"{r['pipelined_step_s']:.3f}s  BP {bp}",
         f"  speed-up over sequential: {r['speedup']:.2f}x (end to end incl. fill {r['speedup_end_to_end']:.2f}x; "
         f"predicted by the cut {r['predicted_speedup_from_cut']:.2f}x)",
+        f"  CPU seconds per step: sequential {r['sequential_cpu_s_per_step']:.3f}, busiest pipeline rank "
+        f"{r['pipelined_max_rank_cpu_s_per_step']:.3f} -> {r['speedup_cpu_time']:.2f}x on idle cores "
+        "(load-independent; excludes waiting)",
     ]
     if r["pipelined_over_bp"]:
         lines.append(
@@ -252,6 +268,9 @@ def _print_summary(r: dict[str, Any]) -> None:
         f"  cut {r['cut']} (by {r['cut_cost_measure']}), segment cost shares "
         f"{[round(s, 3) for s in r['cut_segment_cost_share']]}; max |pipelined - sequential| = {r['max_abs_weight_diff']:.3g}"
     )
+    for rank, w in enumerate(r["pipeline_wait_s_per_rank"]):
+        lines.append(f"  rank {rank}: in step() {w['step']:.2f}s, of which waiting: recv {w['recv']:.2f}s, "
+                     f"send {w['send']:.2f}s, all-reduce {w['allreduce']:.2f}s")
     lines.append(f"  load average before {r['loadavg_before']}, after {r['loadavg_after']} on {r['cpu_count']} CPUs")
     print("\n".join(lines), flush=True)
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
@@ -327,15 +328,17 @@ class PipelineStepOutput:
     def dense(self, num_stages: int) -> dict[str, torch.Tensor]:
         """Per-local-stage sums over this batch, zero where another rank owns the stage.
 
-        ``loss_sum[j]`` (loss × samples), ``correct[j]`` (head j's top-1 hits; the network's
-        for the last stage) and ``samples[j]``: summed over a logging window and then over all
-        ranks (one all-reduce), ``loss_sum / samples`` and ``correct / samples`` are the mean
-        loss and accuracy of every stage over all replicas, the sequential engine's diagnostics.
+        ``loss_sum[j]`` (loss × samples), ``samples[j]``, ``correct[j]`` (head j's top-1 hits;
+        the network's for the last stage) and ``scored[j]`` (samples of stages whose loss
+        returned logits): summed over a logging window and then over all ranks (one
+        all-reduce), ``loss_sum / samples`` and ``correct / scored`` are every stage's mean loss
+        and accuracy over all replicas, the sequential engine's diagnostics.
         """
         device = self.target.device
         loss_sum = torch.zeros(num_stages, dtype=torch.float64, device=device)
         correct = torch.zeros_like(loss_sum)
         samples = torch.zeros_like(loss_sum)
+        scored = torch.zeros_like(loss_sum)
         batch = self.target.shape[0]
         labels = self.target if self.target.ndim == 1 else self.target.argmax(1)  # soft targets (mixup)
         for j, loss in self.losses.items():
@@ -344,7 +347,8 @@ class PipelineStepOutput:
             logits = self.logits if j not in self.head_logits else self.head_logits[j]
             if logits is not None:
                 correct[j] = (logits.argmax(1) == labels).sum().double()
-        return {"loss_sum": loss_sum, "correct": correct, "samples": samples}
+                scored[j] = batch
+        return {"loss_sum": loss_sum, "samples": samples, "correct": correct, "scored": scored}
 
 
 def _default_backward(loss: torch.Tensor) -> None:
@@ -456,6 +460,8 @@ class PipelineTrainer:
         self._prev = None if topo.prev_rank is None else _Link(topo.prev_rank, self.device, self.comm_device)
         self._next = None if topo.next_rank is None else _Link(topo.next_rank, self.device, self.comm_device)
         self.steps = 0
+        # Cumulative seconds, to see where a pipeline loses time (cheap: a few clock reads/step).
+        self.wait_times: dict[str, float] = {"recv": 0.0, "send": 0.0, "allreduce": 0.0, "step": 0.0}
 
     # ---------------------------------------------------------------- setup helpers
     def _resolve_device(self, device: torch.device | str | None) -> torch.device:
@@ -491,7 +497,9 @@ class PipelineTrainer:
         decision: list[Any] = [None]
         if self.topology.rank == 0:
             label = "given" if costs is not None else measure
-            if costs is None:  # also for a given cut: the printed shares show how balanced it is
+            if costs is None and w == 1:  # nothing to balance (pure data parallelism)
+                costs, label = [0.0] * n_stages, "none needed, W=1"
+            elif costs is None:  # also for a given cut: the printed shares show how balanced it is
                 costs = local_stage_costs(self.model, input_size, measure, cost_batch_size)
             costs = [float(c) for c in costs]
             starts = list(cut) if cut is not None else balanced_cut(costs, w)
@@ -554,6 +562,7 @@ class PipelineTrainer:
         made the same number of times on every rank. Gradients are complete (and averaged
         across replicas) on return; the caller steps the optimizer before the next call.
         """
+        step_start = time.perf_counter()
         if self.is_first:
             if x is None or y is None:
                 raise ValueError(
@@ -564,7 +573,9 @@ class PipelineTrainer:
             h, inputs = x, x
         else:
             assert self._prev is not None
+            start = time.perf_counter()
             h, y, inputs = self._prev.recv()
+            self.wait_times["recv"] += time.perf_counter() - start
             assert h is not None and y is not None
         backward = backward or _default_backward
         partition, stages = self.model.partition, self.model.stages
@@ -584,7 +595,9 @@ class PipelineTrainer:
                 )
             if j == last_local and self._next is not None:
                 # Hand the batch on before this stage's backward: downstream starts at once.
+                start = time.perf_counter()
                 self._next.send([h, y, inputs if self._send_inputs else None])
+                self.wait_times["send"] += time.perf_counter() - start
             backward(loss)
             if self._replica_group is not None:
                 reductions.append(_GradAllReduce(self._stage_params[j], self._replica_group,
@@ -595,8 +608,11 @@ class PipelineTrainer:
                 logits = detached
             else:
                 head_logits[j] = detached
+        start = time.perf_counter()
         for reduction in reductions:
             reduction.finish()
+        self.wait_times["allreduce"] += time.perf_counter() - start
+        self.wait_times["step"] += time.perf_counter() - step_start
         self.steps += 1
         return PipelineStepOutput(losses, head_logits, logits, y)
 
