@@ -30,6 +30,17 @@ export_tool = _load("_export_tool", ROOT / "tools" / "export.py")
 push_tool = _load("_push_tool", ROOT / "tools" / "push_to_hub.py")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; reset them (as accelerate's own test cases do) so that
+    runs in this process never inherit, or leak to other tests, settings such as mixed precision."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine the threads'

@@ -36,6 +36,17 @@ fx = _load("_fixtures", Path(__file__).with_name("test_data_fixtures.py"))
 train_tool = _load("_train_tool", ROOT / "tools" / "train.py")
 plot_tool = _load("_plot_tool", ROOT / "tools" / "plot.py")
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; reset them (as accelerate's own test cases do) so that
+    runs in this process never inherit, or leak to other tests, settings such as mixed precision."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine the threads'
@@ -129,6 +140,14 @@ def test_every_other_method_trains_one_step(method, datasets_root, tmp_path):
     assert read_export_metadata(out / "export")["method"] == method
     assert read_checkpoint_meta(latest_checkpoint(out))["method_config"] == json.loads(
         json.dumps(yaml.safe_load((out / "config.yaml").read_text())["method_config"]))
+
+
+def test_bf16_autocast_and_loader_workers(datasets_root, tmp_path):
+    out = tmp_path / "run"
+    assert run_train("--dataset", datasets_root / "hf", "--mixed-precision", "bf16", "--workers", "2",
+                     "--epochs", "1", "--max-steps", "1", "--output-dir", out) == 0
+    rows = read_metrics(out)
+    assert torch.isfinite(torch.tensor(rows[0]["local_losses"])).all() and rows[-1]["kind"] == "summary"
 
 
 # ------------------------------------------------------------------------------------------------
