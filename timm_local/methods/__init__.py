@@ -10,6 +10,11 @@ from .base import (
 )
 from . import bp as _bp  # noqa: F401  (registers)
 from . import auglocal as _auglocal  # noqa: F401
+from . import checkpoint as _checkpoint  # noqa: F401
+from . import dgl as _dgl  # noqa: F401
+from . import predsim as _predsim  # noqa: F401
+from . import infopro as _infopro  # noqa: F401
+from . import auglocal_infopro as _auglocal_infopro  # noqa: F401
 
 __all__ = [
     "LocalHead",

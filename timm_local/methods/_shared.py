@@ -1,0 +1,202 @@
+"""Pieces shared by the per-block local baselines (DGL, PredSim, InfoPro, AugLocal + InfoPro).
+
+Everything here derives its choices from the :class:`~timm_local.partition.Partition` (block
+channels and output strides) and, where a build-time spatial size is unavoidable (the width of
+a linear layer after pooling), from the model's input size: never from hard-coded CIFAR
+widths, so the baselines run on every family the partition supports.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..partition import BlockSpec, Partition, init_like_primary
+from .base import LocalHead, LocalStage
+
+
+# --------------------------------------------------------------------------- partition helpers
+def model_input_size(partition: Partition) -> tuple[int, int, int]:
+    """(C, H, W) the partition was built for.
+
+    ``Partition.input_size`` when the core records it, else the backbone's
+    ``pretrained_cfg['input_size']`` (every timm model and our ``*_cifar`` models have one).
+    Only used for build-time choices that need a spatial size (a linear layer's width).
+    """
+    size = getattr(partition, "input_size", None)
+    if size is None:
+        cfg = getattr(partition.model, "pretrained_cfg", None) or {}
+        size = cfg.get("input_size")
+    if size is None or len(size) != 3:
+        raise ValueError(
+            f"cannot tell the input size of {type(partition.model).__name__}: it has no "
+            "pretrained_cfg['input_size']; create it with timm.create_model(..., "
+            "pretrained_cfg_overlay=dict(input_size=(3, H, W)))"
+        )
+    return int(size[0]), int(size[1]), int(size[2])
+
+
+def block_feature_size(partition: Partition, index: int) -> tuple[int, int]:
+    """Expected (H, W) of block ``index``'s output at the model's input size."""
+    _, h, w = model_input_size(partition)
+    r = partition.specs[index].reduction
+    return max(1, math.ceil(h / r)), max(1, math.ceil(w / r))
+
+
+def next_downsampling(specs: Sequence[BlockSpec], index: int) -> BlockSpec | None:
+    """The first later block that reduces the spatial size (the start of the next stage), if any."""
+    reduction = specs[index].reduction
+    for spec in specs[index + 1 :]:
+        if spec.reduction > reduction:
+            return spec
+    return None
+
+
+def per_block_stages(partition: Partition, make_head: Callable[[int], LocalHead]) -> list[LocalStage]:
+    """A head on every block but the last; the last block and the network's top form the final stage.
+
+    This is the partition of DGL, PredSim and InfoPro in AUGLOCAL.md §3 (InfoPro on ResNet-32:
+    K = 16 local modules, heads on modules 0..K-2).
+    """
+    n = len(partition)
+    if n < 2:
+        raise ValueError(
+            f"a per-block local method needs at least 2 local blocks, but the partition of "
+            f"{type(partition.model).__name__} has {n}; use method='bp' for this model"
+        )
+    stages = []
+    for index in range(n - 1):
+        head = make_head(index)
+        init_like_primary(head)
+        stages.append(LocalStage([index], head))
+    stages.append(LocalStage([n - 1]))
+    return stages
+
+
+# --------------------------------------------------------------------------- InfoPro loss weights
+@dataclass(frozen=True)
+class LossWeights:
+    """InfoPro's λx (reconstruction) and λy (classification) at the first and the last head.
+
+    Head k of K-1 heads (k = 0..K-2) uses the linear interpolation at ratio k / (K-2), as in
+    the InfoPro / AugLocal reference code (ratio 0 when there is a single head).
+    """
+
+    x_start: float
+    x_end: float
+    y_start: float
+    y_end: float
+
+    def at(self, k: int, num_heads: int) -> tuple[float, float]:
+        """(λx, λy) of head ``k`` among ``num_heads`` heads."""
+        ratio = k / (num_heads - 1) if num_heads > 1 else 0.0
+        return (
+            self.x_start * (1 - ratio) + self.x_end * ratio,
+            self.y_start * (1 - ratio) + self.y_end * ratio,
+        )
+
+
+#: The paper's settings (AUGLOCAL.md §3), with the number of local blocks they were tuned for.
+INFOPRO_PRESETS: dict[str, tuple[int, LossWeights]] = {
+    "resnet32": (16, LossWeights(x_start=5.0, x_end=0.2, y_start=0.05, y_end=0.5)),
+    "resnet110": (55, LossWeights(x_start=5.0, x_end=0.5, y_start=0.0, y_end=1.0)),
+}
+
+
+def resolve_loss_weights(
+    preset: str,
+    num_blocks: int,
+    lambda_x: Sequence[float] | None = None,
+    lambda_y: Sequence[float] | None = None,
+) -> tuple[str, LossWeights]:
+    """The InfoPro weight schedule for a partition of ``num_blocks`` blocks.
+
+    ``preset="auto"`` takes the paper preset tuned for the nearest number of local blocks
+    (ResNet-32: 16, ResNet-110: 55; a tie goes to ResNet-32, the milder schedule). So
+    ResNet-20/56 and ImageNet ResNets use the ResNet-32 schedule, very deep nets the
+    ResNet-110 one. ``lambda_x`` / ``lambda_y`` = (first, last) override the preset's values.
+    """
+    if preset == "auto":
+        preset = min(INFOPRO_PRESETS, key=lambda p: (abs(INFOPRO_PRESETS[p][0] - num_blocks), INFOPRO_PRESETS[p][0]))
+    if preset not in INFOPRO_PRESETS:
+        raise ValueError(
+            f"unknown InfoPro loss-weight preset {preset!r}; use 'auto', "
+            f"{', '.join(repr(p) for p in INFOPRO_PRESETS)}, or give lambda_x=(first, last) and "
+            "lambda_y=(first, last)"
+        )
+    weights = INFOPRO_PRESETS[preset][1]
+    for name, pair in (("lambda_x", lambda_x), ("lambda_y", lambda_y)):
+        if pair is not None and (len(pair) != 2 or any(float(v) < 0 for v in pair)):
+            raise ValueError(f"{name} must be (first head, last head) with non-negative values, got {pair!r}")
+    if lambda_x is not None:
+        weights = LossWeights(float(lambda_x[0]), float(lambda_x[1]), weights.y_start, weights.y_end)
+    if lambda_y is not None:
+        weights = LossWeights(weights.x_start, weights.x_end, float(lambda_y[0]), float(lambda_y[1]))
+    return preset, weights
+
+
+# --------------------------------------------------------------------------- InfoPro decoder
+def dataset_stats(
+    partition: Partition, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation mean/std of the training data: given, else the backbone's pretrained_cfg.
+
+    InfoPro reconstructs the *image*, so its target is the network input with the data
+    pipeline's normalisation undone; the pipeline normalises with these statistics.
+    """
+    cfg = getattr(partition.model, "pretrained_cfg", None) or {}
+    mean = tuple(float(v) for v in (mean if mean is not None else cfg.get("mean", ())))
+    std = tuple(float(v) for v in (std if std is not None else cfg.get("std", ())))
+    if not mean or not std:
+        raise ValueError(
+            f"{type(partition.model).__name__} has no pretrained_cfg mean/std, which InfoPro needs to "
+            "de-normalise its reconstruction target; pass method_kwargs=dict(mean=(...), std=(...))"
+        )
+    if len(mean) != len(std) or any(s <= 0 for s in std):
+        raise ValueError(f"mean {mean} and std {std} must have one value per channel and std > 0")
+    return mean, std
+
+
+class InfoProDecoder(nn.Module):
+    """Bilinear upsample to the input size → 3×3 conv C→12 + BN + ReLU → 3×3 conv 12→3.
+
+    Returns logits; the sigmoid of the reference code is folded into the loss
+    (``binary_cross_entropy_with_logits`` = sigmoid + BCE, numerically stable).
+    """
+
+    def __init__(
+        self, in_chs: int, mean: Sequence[float], std: Sequence[float], hidden_chs: int = 12
+    ) -> None:
+        super().__init__()
+        out_chs = len(mean)
+        self.decoder = nn.Sequential(
+            nn.Conv2d(in_chs, hidden_chs, kernel_size=3, padding=1),
+            nn.BatchNorm2d(hidden_chs),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden_chs, out_chs, kernel_size=3, padding=1),
+        )
+        # Not persistent: statistics of the data pipeline, not learned state.
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def target(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The input image de-normalised to [0, 1] (clamped: a no-op up to rounding on real images)."""
+        if inputs.shape[1] != self.mean.shape[1]:
+            raise ValueError(
+                f"InfoPro decoder expects {self.mean.shape[1]}-channel inputs (from mean/std), got "
+                f"{inputs.shape[1]}; pass matching mean/std in method_kwargs"
+            )
+        return (inputs * self.std + self.mean).clamp(0.0, 1.0)
+
+    def forward(self, features: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Reconstruction logits at the input's spatial size."""
+        x = F.interpolate(features, size=inputs.shape[-2:], mode="bilinear", align_corners=True)
+        return self.decoder(x)
+
+    def loss(self, features: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy of the reconstruction against the de-normalised input."""
+        return F.binary_cross_entropy_with_logits(self(features, inputs), self.target(inputs))
