@@ -39,7 +39,6 @@ import timm
 import torch
 
 import timm_local
-from timm_local import cost
 from timm_local.cost import count_macs, macs_per_sample, median_step_time, parameter_counts, peak_step_memory
 
 DEFAULT_METHODS = "bp,checkpoint,predsim,dgl,infopro,auglocal:2,auglocal:3,auglocal:4,auglocal:5,auglocal:6"
@@ -145,35 +144,6 @@ def step_macs(model: timm_local.LocalModel, size: tuple[int, int, int], device: 
     return macs / batch / 1e9
 
 
-def peak_memory(model: timm_local.LocalModel, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
-    """Peak memory of one training step (``timm_local.cost.peak_step_memory``), CPU-corrected.
-
-    On CPU the library's live-storage tracker counts a pre-existing storage as new when an op
-    returns a view of it (``aten.t`` of a Linear weight, ``aten.detach`` of the input), and
-    never uncounts it since it stays alive: heads with Linear layers (DGL's MLPs: 12 MB on
-    ResNet-110) look heavier than they are. Here every storage live before the step
-    (parameters, buffers, the batch) is marked as seen first; the library's own figure is kept
-    as ``cost_py_peak_memory_bytes`` for comparison.
-    """
-    result = peak_step_memory(model, x, y)
-    tracker_cls = getattr(cost, "LiveStorageTracker", None)
-    if x.device.type != "cpu" or tracker_cls is None:
-        return result
-    tracker = tracker_cls()
-    if not hasattr(tracker, "_seen"):
-        return result
-    for t in (*model.parameters(), *model.buffers(), x, y):
-        tracker._seen[t.untyped_storage()] = 0  # pre-existing: not allocated by the step
-    model.zero_grad(set_to_none=True)
-    with tracker:
-        model.local_step(x, y)
-    return {
-        "peak_memory_bytes": int(tracker.peak),
-        "memory_method": result["memory_method"] + ", storages live before the step excluded",
-        "cost_py_peak_memory_bytes": int(result["peak_memory_bytes"]),
-    }
-
-
 PROFILE_GROUPS = (
     ("convolution", ("conv",)),
     ("batch norm", ("batch_norm",)),
@@ -245,10 +215,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "step_gmacs": round(step_macs(model, size, device, args.num_classes), 5),
             **parameter_counts(model),
         }
-        mem = peak_memory(model, x, y)
+        mem = peak_step_memory(model, x, y)
         row["peak_memory_mb"] = round(mem["peak_memory_bytes"] / 2**20, 2)
-        if "cost_py_peak_memory_bytes" in mem:
-            row["cost_py_peak_memory_mb"] = round(mem["cost_py_peak_memory_bytes"] / 2**20, 2)
         # every parameter's gradient is allocated during the step: a batch-independent share
         row["grads_mb"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 2)
         row["memory_method"] = mem["memory_method"]

@@ -282,12 +282,6 @@ def test_new_methods_are_registered() -> None:
     assert {"dgl", "predsim", "infopro", "auglocal_infopro", "checkpoint"} <= set(timm_local.list_methods())
 
 
-@pytest.mark.xfail(
-    reason="core engine: torch.utils.checkpoint re-runs each block's forward in backward, so BatchNorm "
-    "running statistics are updated twice per step (num_batches_tracked += 2); fix in "
-    "timm_local/engine/sequential.py (restore BN stats around the recompute via context_fn)",
-    strict=False,
-)
 def test_checkpoint_updates_batchnorm_running_stats_like_bp() -> None:
     bp = timm_local.create_local_model("resnet20_cifar", "bp")
     ckpt = timm_local.create_local_model("resnet20_cifar", "checkpoint")

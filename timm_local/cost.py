@@ -14,7 +14,7 @@ import statistics
 import time
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -87,11 +87,15 @@ class LiveStorageTracker(TorchDispatchMode):
     report as live tensor memory, without fragmentation or caching.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, existing: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
         self._seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # Storages alive before the step (parameters, buffers, the batch) must not be counted
+        # when an op returns a view of them (aten.t of a Linear weight, aten.detach of the input).
+        for t in existing:
+            self._seen[t.untyped_storage()] = 0
 
     def _release(self, nbytes: int) -> None:
         self.live -= nbytes
@@ -128,7 +132,7 @@ def peak_step_memory(model: LocalModel, x: torch.Tensor, y: torch.Tensor) -> dic
         torch.cuda.synchronize()
         return {"peak_memory_bytes": torch.cuda.max_memory_allocated() - before,
                 "memory_method": "cuda.max_memory_allocated"}
-    tracker = LiveStorageTracker()
+    tracker = LiveStorageTracker(existing=(*model.parameters(), *model.buffers(), x, y))
     with tracker:
         model.local_step(x, y)
     return {"peak_memory_bytes": int(tracker.peak), "memory_method": "live tensor storages at dispatch (CPU)"}

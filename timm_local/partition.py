@@ -41,8 +41,10 @@ class Partition:
         names: Sequence[str],
         blocks: Sequence[nn.Module],
         specs: Sequence[BlockSpec],
+        input_size: Sequence[int],
     ) -> None:
         self.model = model
+        self.input_size = tuple(input_size)  # (C, H, W) the specs were measured at
         self.adapter = adapter
         self.names = list(names)
         self.blocks = list(blocks)
@@ -138,4 +140,4 @@ def partition(
                     )
     finally:
         model.train(was_training)
-    return Partition(model, adapter, names, blocks, specs)
+    return Partition(model, adapter, names, blocks, specs, tuple(x.shape[1:]))

@@ -5,11 +5,13 @@ graph before the next block runs: the peak memory is one stage's graph, not the 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from ..methods.base import LocalStage
@@ -27,6 +29,33 @@ class LocalStepOutput:
     head_logits: list[torch.Tensor | None]
 
 
+@contextlib.contextmanager
+def _frozen_norm_statistics(module: torch.nn.Module) -> Iterator[None]:
+    """Undo the running-statistics update of a recomputed forward.
+
+    Activation checkpointing runs each block's forward twice (again in backward); without this,
+    BatchNorm running stats would be updated twice per step and the ``checkpoint`` baseline
+    would not be the same training as BP.
+    """
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    saved = [[b.detach().clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
+def _checkpointed(block: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return checkpoint(
+        block, h, use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _frozen_norm_statistics(block)),
+    )
+
+
 def run_stage(
     partition: Partition,
     stage: LocalStage,
@@ -38,7 +67,7 @@ def run_stage(
     for index in stage.blocks:
         block = partition.blocks[index]
         if stage.checkpoint and torch.is_grad_enabled():
-            h = checkpoint(block, h, use_reentrant=False)
+            h = _checkpointed(block, h)
         else:
             h = block(h)
     if stage.head is None:
@@ -67,11 +96,6 @@ def sequential_local_step(
     logits = None
     for stage in stages:
         h, loss, stage_logits = run_stage(partition, stage, h.detach(), target, inputs)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"local loss of the stage ending at block {partition.names[stage.blocks[-1]]!r} is "
-                f"{loss.item()}; lower the learning rate or check the input normalisation"
-            )
         backward(loss)
         losses.append(loss.detach())
         detached = None if stage_logits is None else stage_logits.detach()
@@ -79,4 +103,13 @@ def sequential_local_step(
             logits = detached
         head_logits.append(None if stage.head is None else detached)
     assert logits is not None, "a method's last stage must use the network's own top (head=None)"
+    # One check (one device sync) per step rather than per stage; the caller must not take an
+    # optimizer step after this error (the gradients of the bad stage are not finite).
+    finite = torch.isfinite(torch.stack(losses))
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0])
+        raise FloatingPointError(
+            f"local loss of the stage ending at block {partition.names[stages[bad].blocks[-1]]!r} is "
+            f"{losses[bad].item()}; lower the learning rate or check the input normalisation"
+        )
     return LocalStepOutput(losses, logits, head_logits)

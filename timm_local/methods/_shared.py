@@ -21,23 +21,9 @@ from .base import LocalHead, LocalStage
 
 # --------------------------------------------------------------------------- partition helpers
 def model_input_size(partition: Partition) -> tuple[int, int, int]:
-    """(C, H, W) the partition was built for.
-
-    ``Partition.input_size`` when the core records it, else the backbone's
-    ``pretrained_cfg['input_size']`` (every timm model and our ``*_cifar`` models have one).
-    Only used for build-time choices that need a spatial size (a linear layer's width).
-    """
-    size = getattr(partition, "input_size", None)
-    if size is None:
-        cfg = getattr(partition.model, "pretrained_cfg", None) or {}
-        size = cfg.get("input_size")
-    if size is None or len(size) != 3:
-        raise ValueError(
-            f"cannot tell the input size of {type(partition.model).__name__}: it has no "
-            "pretrained_cfg['input_size']; create it with timm.create_model(..., "
-            "pretrained_cfg_overlay=dict(input_size=(3, H, W)))"
-        )
-    return int(size[0]), int(size[1]), int(size[2])
+    """(C, H, W) the partition was built (and its block specs measured) for."""
+    c, h, w = partition.input_size
+    return int(c), int(h), int(w)
 
 
 def block_feature_size(partition: Partition, index: int) -> tuple[int, int]:
