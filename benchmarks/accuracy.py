@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""Accuracy of BP vs AugLocal vs DGL / PredSim / InfoPro under one recipe, with learning curves.
+
+Default: ResNet-32 (CIFAR-style, 28x28 resized to 32) on Fashion-MNIST, a stratified subset of
+the training set, the full 10k test set, the same epochs/recipe/seed for every method. Every run
+is a normal ``tools/train.py`` run (its folder keeps metrics.jsonl, config.yaml, checkpoints),
+so any run here can be resumed or re-plotted with ``tools/plot.py``.
+
+    python benchmarks/accuracy.py                                  # Fashion-MNIST, ~1 h on 2 CPU cores
+    python benchmarks/accuracy.py --train-subset 0 --epochs 20     # full training set
+    # the paper's CIFAR-10 recipe (AUGLOCAL.md §5; a GPU and the data are needed):
+    python benchmarks/accuracy.py --dataset cifar10 --data-dir DATA --model resnet110_cifar \
+        --train-subset 0 --epochs 400 --batch-size 1024 --lr 0.8 --warmup-epochs 10 \
+        --methods bp auglocal:2 auglocal:3 auglocal:4 auglocal:5 auglocal:6 dgl predsim infopro
+
+Fashion-MNIST is found in DATA_DIR or where Debian's ``dataset-fashion-mnist`` package puts it
+(``apt-get install dataset-fashion-mnist``; elsewhere download the four IDX files from
+github.com/zalandoresearch/fashion-mnist into a folder and pass ``--data-dir``).
+Writes benchmarks/results/accuracy_<dataset>.{md,json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_METHODS = ["bp", "auglocal:2", "auglocal:4", "auglocal:6", "dgl", "predsim", "infopro"]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--model", default="resnet32_cifar")
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="method or auglocal:D")
+    p.add_argument("--tau", type=float, default=0.5)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--train-subset", type=int, default=10000,
+                   help="stratified training subset size (0 = all); only for MNIST-format data")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--runs-dir", default="runs/accuracy")
+    p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more tools/train.py flags")
+    return p.parse_args()
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX (MNIST format) writer, the inverse of timm_local.data.read_idx for uint8 arrays."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def make_subset(dataset: str, data_dir: str | None, size: int, seed: int, out: Path) -> str:
+    """A stratified subset of an MNIST-format training set (test set unchanged), as IDX files."""
+    from timm_local.data import load_image_sources  # noqa: F401  (raises a clear error if missing)
+    from timm_local.data import _find_idx, _search_roots, read_idx
+
+    stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    for root in _search_roots(dataset, data_dir):
+        paths = [_find_idx(root, s) for s in stems]
+        if all(paths):
+            break
+    else:
+        raise SystemExit(f"{dataset} IDX files not found (looked in {[str(r) for r in _search_roots(dataset, data_dir)]}); "
+                         "apt-get install dataset-fashion-mnist, or pass --data-dir")
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    per_class = size // len(classes)
+    keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in classes]))
+    out.mkdir(parents=True, exist_ok=True)
+    _write_idx(out / "train-images-idx3-ubyte.gz", images[keep])
+    _write_idx(out / "train-labels-idx1-ubyte.gz", labels[keep])
+    for src, stem in zip(paths[2:], stems[2:]):
+        _write_idx(out / f"{stem}.gz", read_idx(src))
+    return str(out)
+
+
+def run_one(args: argparse.Namespace, spec: str, seed: int, data_dir: str | None) -> dict[str, Any]:
+    method, _, depth = spec.partition(":")
+    name = f"{args.model}-{method}{'-d' + depth if depth else ''}-s{seed}"
+    out = Path(args.runs_dir) / args.dataset / name
+    cmd = [sys.executable, str(ROOT / "tools" / "train.py"), "--dataset", args.dataset, "--model", args.model,
+           "--method", method, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+           "--lr", str(args.lr), "--warmup-epochs", str(args.warmup_epochs), "--image-size", str(args.image_size),
+           "--seed", str(seed), "--output-dir", str(out), "--resume", "auto", "--no-eval-heads",
+           "--workers", "1", "--trackers", "none", "--keep-checkpoints", "1"]
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    if depth:
+        cmd += ["--aux-depth", depth, "--tau", str(args.tau)]
+    cmd += args.extra
+    print("$", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - start
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    train = [r for r in rows if r.get("kind") == "train"]
+    summary = [r for r in rows if r.get("kind") == "summary"][-1]
+    loss_per_epoch: dict[int, list[float]] = {}
+    for r in train:
+        loss_per_epoch.setdefault(int(r["epoch"]), []).append(float(r["loss"]))
+    return {
+        "method": method, "aux_depth": int(depth) if depth else None, "seed": seed, "run_dir": str(out),
+        "final_top1": evals[-1]["top1"], "best_top1": max(r["top1"] for r in evals),
+        "train_time_s": summary["train_time_s"], "wall_time_s": wall,
+        "curve_epoch": [r["epoch"] for r in evals], "curve_top1": [r["top1"] for r in evals],
+        "curve_train_loss": [float(np.mean(loss_per_epoch[e])) for e in sorted(loss_per_epoch)],
+    }
+
+
+def gmacs_of(model: str, method: str, depth: int | None, tau: float, image_size: int) -> float:
+    import timm_local
+    from timm_local.cost import macs_per_sample
+
+    lm = timm_local.create_local_model(model, method, aux_depth=depth, tau=tau if depth else None, num_classes=10)
+    return macs_per_sample(lm, (3, image_size, image_size))["gmacs"]
+
+
+def label(r: dict[str, Any]) -> str:
+    return f"{r['method']} d={r['aux_depth']}" if r["aux_depth"] else r["method"]
+
+
+def write_results(args: argparse.Namespace, runs: list[dict[str, Any]], subset: int) -> None:
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    stem = results / f"accuracy_{args.dataset}"
+    machine = f"{platform.processor() or platform.machine()}, {platform.system()}, python {platform.python_version()}"
+    meta = {"dataset": args.dataset, "model": args.model, "epochs": args.epochs, "train_subset": subset or "all",
+            "batch_size": args.batch_size, "lr": args.lr, "warmup_epochs": args.warmup_epochs, "tau": args.tau,
+            "image_size": args.image_size, "seeds": args.seeds, "machine": machine}
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
+    lines = [f"# Accuracy on {args.dataset}: {args.model}, {args.epochs} epochs, "
+             f"train subset {subset or 'all'}, full test set", "",
+             "Same recipe for every method: SGD Nesterov 0.9, wd 1e-4, batch "
+             f"{args.batch_size}, lr {args.lr}, cosine with {args.warmup_epochs} warm-up epoch(s), seeds {args.seeds}. "
+             f"Machine: {machine}. Produced by `benchmarks/accuracy.py`.", "",
+             "| method | final top-1 % | best top-1 % | GMACs/sample | train time s |", "|---|---|---|---|---|"]
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_label.setdefault(label(r), []).append(r)
+    for name, rs in by_label.items():
+        final = np.mean([r["final_top1"] for r in rs])
+        best = np.mean([r["best_top1"] for r in rs])
+        spread = f" ± {np.std([r['final_top1'] for r in rs]):.2f}" if len(rs) > 1 else ""
+        lines.append(f"| {name} | {final:.2f}{spread} | {best:.2f} | {rs[0]['gmacs']:.4f} | "
+                     f"{np.mean([r['train_time_s'] for r in rs]):.0f} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, rs in by_label.items():
+        r = rs[0]
+        ax_acc.plot(r["curve_epoch"], r["curve_top1"], marker="o", label=name)
+        ax_loss.plot(range(1, len(r["curve_train_loss"]) + 1), r["curve_train_loss"], marker="o", label=name)
+    ax_acc.set(xlabel="epoch", ylabel="test top-1 %", title="test accuracy")
+    ax_loss.set(xlabel="epoch", ylabel="network-output training loss", yscale="log", title="output loss (log)")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=8)
+    fig.suptitle(f"{args.model} on {args.dataset} (seed {args.seeds[0]})")
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    print(f"wrote {stem}.md/.json/.png")
+
+
+def main() -> None:
+    args = parse_args()
+    data_dir = args.data_dir
+    if args.train_subset:
+        data_dir = make_subset(args.dataset, args.data_dir, args.train_subset, 0,
+                               Path(args.runs_dir) / args.dataset / f"subset-{args.train_subset}")
+    runs = []
+    for seed in args.seeds:
+        for spec in args.methods:
+            r = run_one(args, spec, seed, data_dir)
+            r["gmacs"] = gmacs_of(args.model, r["method"], r["aux_depth"], args.tau, args.image_size)
+            runs.append(r)
+            write_results(args, runs, args.train_subset)  # partial results survive an interruption
+
+
+if __name__ == "__main__":
+    main()
