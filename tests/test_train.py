@@ -133,8 +133,9 @@ def test_train_end_to_end(fmt, method, datasets_root, tmp_path):
 @pytest.mark.parametrize("method", sorted(set(timm_local.list_methods()) - {"bp", "auglocal"}))
 def test_every_other_method_trains_one_step(method, datasets_root, tmp_path):
     out = tmp_path / "run"
+    # an AugLocal recipe with another method: aux_depth/tau are passed where taken, dropped elsewhere
     assert run_train("--dataset", datasets_root / "folders", "--method", method, "--epochs", "1", "--max-steps", "1",
-                     "--output-dir", out) == 0
+                     "--aux-depth", "2", "--tau", "0.5", "--output-dir", out) == 0
     rows = read_metrics(out)
     assert [r["kind"] for r in rows] == ["train", "eval", "summary"]
     assert read_export_metadata(out / "export")["method"] == method

@@ -402,12 +402,23 @@ def _has_accelerator() -> bool:
 
 
 def _method_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """The method's hyper-parameters: ``method_kwargs`` plus ``aux_depth`` / ``tau`` where it takes them.
+
+    ``aux_depth`` and ``tau`` are top-level keys because they are the paper's; a recipe for AugLocal run
+    with ``--method bp`` (the usual comparison) drops them with a warning instead of failing.
+    """
+    import timm_local
+
     kwargs = dict(cfg.method_kwargs or {})
-    if cfg.aux_depth is not None:
-        kwargs["aux_depth"] = cfg.aux_depth
-    if cfg.tau is not None:
-        kwargs["tau"] = cfg.tau
-    return kwargs
+    paper = {k: v for k, v in (("aux_depth", cfg.aux_depth), ("tau", cfg.tau)) if v is not None}
+    if paper:
+        try:
+            timm_local.create_method(cfg.method, **kwargs, **paper)
+        except TypeError:
+            timm_local.create_method(cfg.method, **kwargs)  # still raises if method_kwargs are wrong
+            logger.warning("method %r takes no %s; ignoring them", cfg.method, " / ".join(paper))
+            return kwargs
+    return {**kwargs, **paper}
 
 
 def build_local_model(cfg: TrainConfig, data: DataConfig) -> Any:
