@@ -25,9 +25,10 @@ $(DET_STAMP): $(STAMP) det/install_detectron2.sh
 install-det: $(DET_STAMP)
 
 # A short real AugLocal run on scikit-learn's digits (ships with a dependency: no download).
+# RUN_DIR is a demo folder, started afresh each time.
 run: install
-	$(BIN)/python tools/train.py --model resnet20_cifar --method auglocal --aux-depth 3 \
-		--epochs 2 --output-dir $(RUN_DIR)
+	rm -rf $(RUN_DIR)
+	$(BIN)/python tools/train.py --config configs/quick/digits_resnet20_auglocal.yaml --output-dir $(RUN_DIR)
 
 test: install install-det
 	$(BIN)/python -m pytest

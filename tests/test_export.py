@@ -110,9 +110,7 @@ def test_export_tool_rebuilds_the_same_files_from_a_checkpoint(run, tmp_path):
 
 @pytest.mark.parametrize("arch", [
     "test_resnet",
-    pytest.param("resnet20_cifar", marks=pytest.mark.xfail(
-        strict=True, reason="core (issue 2): the CIFAR models do not set the `in_chans` attribute timm's export "
-                            "reads; remove this marker once they do")),
+    "resnet20_cifar",
 ])
 def test_export_keeps_input_channels_and_classes(arch, tmp_path):
     model = timm.create_model(arch, num_classes=7, in_chans=1).eval()

@@ -8,11 +8,21 @@ from .families import FamilyAdapter, list_families, register_family
 from .methods import LocalHead, LocalMethod, LocalStage, create_method, list_methods, register_method
 from .model import LocalModel, create_local_model
 from .partition import BlockSpec, Partition, partition
+from .config import TrainConfig
+from .data import create_datasets, list_datasets
+from .export import export_backbone, load_exported
+from .training import train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockSpec",
+    "TrainConfig",
+    "create_datasets",
+    "export_backbone",
+    "list_datasets",
+    "load_exported",
+    "train",
     "FamilyAdapter",
     "LocalHead",
     "LocalMethod",

@@ -35,6 +35,7 @@ class CifarResNet(nn.Module):
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 56, 110, ...), got {depth}")
         blocks_per_stage = (depth - 2) // 6
         self.num_classes = num_classes
+        self.in_chans = in_chans  # read by timm's export (save_for_hf) and data config
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
 

@@ -50,6 +50,7 @@ class CifarVgg(nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.in_chans = in_chans  # read by timm's export (save_for_hf) and data config
         self.drop_rate = drop_rate
         self.feature_info = []
         blocks: list[nn.Module] = []
