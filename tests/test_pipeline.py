@@ -55,7 +55,6 @@ class _ReconHead(LocalHead):
         return F.cross_entropy(logits, target) + F.mse_loss(recon, inputs), logits
 
 
-@register_method("test_pipeline_recon")
 class _ReconMethod(LocalMethod):
     def build(self, partition: Partition, num_classes: int) -> list[LocalStage]:
         n = len(partition)
@@ -66,9 +65,26 @@ class _ReconMethod(LocalMethod):
 # --------------------------------------------------------------------------------------------
 # Shared helpers (workers and references build exactly the same things)
 # --------------------------------------------------------------------------------------------
+RECON = "test_pipeline_recon"
+
+
+@contextlib.contextmanager
+def _registered(name: str, cls: type[LocalMethod]) -> Iterator[None]:
+    """Register a test-only method for the duration of one build: other test modules
+    parametrize over ``list_methods()`` at collection, so the registry must stay clean."""
+    from timm_local.methods import base
+
+    register_method(name)(cls)
+    try:
+        yield
+    finally:
+        base._METHODS.pop(name, None)
+
+
 def _build(method: str, seed: int) -> timm_local.LocalModel:
     torch.manual_seed(seed)
-    model = timm_local.create_local_model(MODEL, method, input_size=(3, SIZE, SIZE))
+    with _registered(RECON, _ReconMethod) if method == RECON else contextlib.nullcontext():
+        model = timm_local.create_local_model(MODEL, method, input_size=(3, SIZE, SIZE))
     return model.train()
 
 
@@ -224,6 +240,13 @@ def _worker(method: str, num_segments: int, steps: int, resume_cut: list[int] | 
     return result
 
 
+def _nan_worker() -> None:
+    model = _build("auglocal", SEED)
+    trainer = PipelineTrainer(model, 2, cost_measure="macs", input_size=(3, SIZE, SIZE), verbose=False)
+    x, y = _data(1, 1)[0][0]
+    trainer.step(torch.full_like(x, float("nan")) if trainer.is_first else None, y if trainer.is_first else None)
+
+
 def _check_run(results: list[dict[str, Any]], method: str, steps: int, replicas: int) -> float:
     data = _data(steps, replicas)
     ref_losses, ref_snaps = _reference(method, data)
@@ -332,10 +355,14 @@ def test_pipeline_w2_equals_sequential_and_resumes_under_another_cut() -> None:
 
 
 @pytest.mark.timeout(300)
-def test_pipeline_forwards_network_input_to_heads_that_need_it() -> None:
+@pytest.mark.parametrize("method", [RECON, "infopro"])
+def test_pipeline_forwards_network_input_to_heads_that_need_it(method: str) -> None:
+    if method not in timm_local.list_methods() + [RECON]:
+        pytest.skip(f"method {method!r} is not registered")
     steps = 2
-    results = launch_local(_worker, 2, args=("test_pipeline_recon", 2, steps, None, 0), timeout_s=120)
-    _check_run(results, "test_pipeline_recon", steps, replicas=1)
+    results = launch_local(_worker, 2, args=(method, 2, steps, None, 0), timeout_s=120)
+    _check_run(results, method, steps, replicas=1)
+    assert RECON not in timm_local.list_methods()
 
 
 @pytest.mark.timeout(300)
@@ -352,3 +379,9 @@ def test_pipeline_w2_r2_equals_sequential() -> None:
     results = launch_local(_worker, 4, args=("auglocal", 2, steps, None, 0), timeout_s=180)
     assert [(r["segment"], r["replica"]) for r in results] == [(0, 0), (1, 0), (0, 1), (1, 1)]
     _check_run(results, "auglocal", steps, replicas=2)
+
+
+@pytest.mark.timeout(300)
+def test_non_finite_loss_stops_the_pipeline_with_a_clear_error() -> None:
+    with pytest.raises(Exception, match="FloatingPointError: local loss of the stage ending at block 'stem'"):
+        launch_local(_nan_worker, 2, timeout_s=60)

@@ -587,12 +587,6 @@ class PipelineTrainer:
         for j in self.local_stages:
             stage = stages[j]
             h, loss, stage_logits = run_stage(partition, stage, h.detach(), y, inputs)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"local loss of the stage ending at block {partition.names[stage.blocks[-1]]!r} is "
-                    f"{loss.item()} (pipeline rank {self.topology.rank}, step {self.steps}); lower the "
-                    "learning rate or check the input normalisation"
-                )
             if j == last_local and self._next is not None:
                 # Hand the batch on before this stage's backward: downstream starts at once.
                 start = time.perf_counter()
@@ -608,6 +602,18 @@ class PipelineTrainer:
                 logits = detached
             else:
                 head_logits[j] = detached
+        # As in the sequential engine: one finiteness check (one device sync) per step, raised
+        # before the caller's optimizer step. Downstream segments have this batch already; the
+        # launcher stops them when this rank exits.
+        stacked = torch.stack(list(losses.values()))
+        finite = torch.isfinite(stacked)
+        if not bool(finite.all()):
+            bad = list(losses)[int((~finite).nonzero()[0])]
+            raise FloatingPointError(
+                f"local loss of the stage ending at block {partition.names[stages[bad].blocks[-1]]!r} is "
+                f"{losses[bad].item()} (pipeline rank {self.topology.rank}, step {self.steps}); lower the "
+                "learning rate or check the input normalisation"
+            )
         start = time.perf_counter()
         for reduction in reductions:
             reduction.finish()
