@@ -23,10 +23,12 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--jobs", type=int, default=2,
+                   help="runs in parallel, one intra-op thread each (on a small CPU this beats one run "
+                        "with several threads, which also slows down badly when the machine is shared)")
     p.add_argument("--runs-dir", default="runs/accuracy")
     p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more tools/train.py flags")
@@ -105,8 +110,12 @@ def run_one(args: argparse.Namespace, spec: str, seed: int, data_dir: str | None
         cmd += ["--aux-depth", depth, "--tau", str(args.tau)]
     cmd += args.extra
     print("$", " ".join(cmd), flush=True)
+    env = dict(os.environ)
+    if args.jobs > 1:
+        env["OMP_NUM_THREADS"] = "1"
     start = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    with open(out.parent / f"{name}.log", "w") as log:
+        subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [r for r in rows if r.get("kind") == "eval"]
@@ -190,13 +199,17 @@ def main() -> None:
     if args.train_subset:
         data_dir = make_subset(args.dataset, args.data_dir, args.train_subset, 0,
                                Path(args.runs_dir) / args.dataset / f"subset-{args.train_subset}")
-    runs = []
-    for seed in args.seeds:
-        for spec in args.methods:
-            r = run_one(args, spec, seed, data_dir)
+    jobs = [(spec, seed) for seed in args.seeds for spec in args.methods]
+    (Path(args.runs_dir) / args.dataset).mkdir(parents=True, exist_ok=True)
+    runs: dict[int, dict[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run_one, args, spec, seed, data_dir): i for i, (spec, seed) in enumerate(jobs)}
+        for future in as_completed(futures):
+            r = future.result()
             r["gmacs"] = gmacs_of(args.model, r["method"], r["aux_depth"], args.tau, args.image_size)
-            runs.append(r)
-            write_results(args, runs, args.train_subset)  # partial results survive an interruption
+            runs[futures[future]] = r
+            # partial results survive an interruption; rerunning resumes unfinished runs
+            write_results(args, [runs[i] for i in sorted(runs)], args.train_subset)
 
 
 if __name__ == "__main__":
