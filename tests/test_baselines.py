@@ -29,16 +29,6 @@ LOCAL_METHODS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batches gain nothing from intra-op threads, and on a shared 2-core machine spinning
-    OpenMP workers make them ~10x slower; restored afterwards for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny(method: str, model: str = "resnet20_cifar", size: int = 16, **kwargs) -> timm_local.LocalModel:
     """A CIFAR ResNet at ``size``×``size`` (pretrained_cfg says so too, for build-time sizes)."""
     return timm_local.create_local_model(

@@ -1,7 +1,6 @@
 """Export: a trained run's backbone is an ordinary timm checkpoint that every timm loader reads."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,37 +17,12 @@ from timm_local.training import latest_checkpoint, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from script_loader import load_module as _load
 
 
 fx = _load("_fixtures", Path(__file__).with_name("test_data_fixtures.py"))
 export_tool = _load("_export_tool", ROOT / "tools" / "export.py")
 push_tool = _load("_push_tool", ROOT / "tools" / "push_to_hub.py")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; reset them (as accelerate's own test cases do) so that
-    runs in this process never inherit, or leak to other tests, settings such as mixed precision."""
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine the threads'
-    spin-waiting costs several times the work itself; restore the setting for other test modules."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

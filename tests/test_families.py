@@ -74,15 +74,6 @@ FAMILY = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Two cores shared by several jobs: intra-op threads oversubscribe and slow steps ~50x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @functools.lru_cache(maxsize=None)
 def _prototype(name: str) -> nn.Module:
     torch.manual_seed(0)
