@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "a1_ratio_vs_bp_at_w": n_blocks * (d + 1) / (w * (n_blocks + 1)),
         "pipeline_wait_s_per_rank": waits,
         "loadavg_before": load_before, "loadavg_after": load_after, "cpu_count": os.cpu_count(),
+        "sched_autogroup": _autogroup(),
         "torch": torch.__version__,
     }
     _print_summary(result)
@@ -241,6 +242,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.json:
         print(json.dumps(result))
     return result
+
+
+def _autogroup() -> str | None:
+    """This session's scheduler group and its nice (Linux autogroup): on a shared machine, nice
+    of single processes does not count across sessions; `echo -15 > /proc/self/autogroup` in the
+    launching shell is what lets the W processes actually get W cores."""
+    try:
+        return Path("/proc/self/autogroup").read_text().strip()
+    except OSError:
+        return None
 
 
 def _print_summary(r: dict[str, Any]) -> None:
@@ -271,7 +282,8 @@ def _print_summary(r: dict[str, Any]) -> None:
     for rank, w in enumerate(r["pipeline_wait_s_per_rank"]):
         lines.append(f"  rank {rank}: in step() {w['step']:.2f}s, of which waiting: recv {w['recv']:.2f}s, "
                      f"send {w['send']:.2f}s, all-reduce {w['allreduce']:.2f}s")
-    lines.append(f"  load average before {r['loadavg_before']}, after {r['loadavg_after']} on {r['cpu_count']} CPUs")
+    lines.append(f"  load average before {r['loadavg_before']}, after {r['loadavg_after']} on {r['cpu_count']} CPUs; "
+                 f"scheduler group: {r['sched_autogroup']}")
     print("\n".join(lines), flush=True)
 
 
