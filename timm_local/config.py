@@ -68,7 +68,19 @@ class TrainConfig:
     warmup_epochs: float = field(default=0.0, metadata={"help": "linear warm-up epochs before the cosine decay"})
     warmup_lr: float = field(default=1e-5, metadata={"help": "learning rate at the start of warm-up"})
     min_lr: float = field(default=0.0, metadata={"help": "final learning rate of the cosine decay"})
-    clip_grad: Optional[float] = field(default=None, metadata={"help": "clip the global gradient norm"})
+    clip_grad: Optional[float] = field(default=None, metadata={
+        "help": "clip the global gradient norm (pipeline engine: the norm of each segment's own parameters)"})
+
+    # --- engine (docs/pipeline.md) -------------------------------------------------------------
+    engine: str = field(default="sequential", metadata={
+        "help": "sequential (every process runs the whole local step, data parallel) | pipeline (the local "
+                "stages cut into --pipeline-segments W segments across processes; launch W*R processes)"})
+    pipeline_segments: Optional[int] = field(default=None, metadata={
+        "help": "pipeline engine: W, processes per pipeline (world = W*R replicas); None = the world size"})
+    pipeline_cut: Optional[list] = field(default=None, metadata={
+        "help": "pipeline engine: start stage index of each segment (YAML list); None = balanced cut"})
+    pipeline_cost: Optional[str] = field(default=None, metadata={
+        "help": "pipeline engine: cost measure of the balanced cut, time | macs; None = time"})
 
     # --- run control -------------------------------------------------------------------------
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and augmentation"})

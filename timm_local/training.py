@@ -479,6 +479,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     from timm.scheduler import create_scheduler_v2
     from tqdm.auto import tqdm
 
+    if cfg.engine == "pipeline":  # the same run with the local stages pipelined across processes
+        from .training_pipeline import train_pipeline
+
+        return train_pipeline(cfg)
+    if cfg.engine != "sequential":
+        raise ValueError(f"--engine must be sequential or pipeline, got {cfg.engine!r}")
     output_dir = cfg.resolved_output_dir()
     accelerator = _make_accelerator(cfg, output_dir)
     world = accelerator.num_processes
