@@ -472,11 +472,50 @@ def _resolve_resume(cfg: TrainConfig, output_dir: Path) -> Optional[Path]:
     return path
 
 
+def prepare_optimization(cfg: TrainConfig, lm: Any, accelerator: Any, steps_per_epoch: int
+                         ) -> tuple[Any, Any, "TrainState"]:
+    """timm optimizer + per-step schedule (linear warm-up, then cosine), prepared and registered for
+    checkpointing together with the model and the run state (order = CUSTOM_OBJECTS)."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    optimizer = create_optimizer_v2(lm, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    momentum=cfg.momentum, filter_bias_and_bn=cfg.filter_bias_and_bn)
+    warmup = float(min(cfg.warmup_epochs, cfg.epochs / 2)) if cfg.warmup_epochs else 0.0
+    if warmup != cfg.warmup_epochs:
+        logger.warning("warmup_epochs=%s >= half of epochs=%s: using %s", cfg.warmup_epochs, cfg.epochs, warmup)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs - warmup, warmup_epochs=warmup, warmup_prefix=True,
+        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    optimizer = accelerator.prepare(optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(lm, _SchedulerState(scheduler), state)
+    return optimizer, scheduler, state
+
+
+def run_meta(cfg: TrainConfig, lm: Any, data: DataConfig, world: int) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed by this run (checked by ``_check_compatible``)."""
+    return {
+        "model": cfg.model, "method": lm.method_name, "method_config": lm.method_config,
+        "num_classes": data.num_classes, "in_chans": data.in_chans, "image_size": data.image_size,
+        "dataset": data.dataset, "batch_size": cfg.batch_size, "epochs": cfg.epochs, "lr": cfg.lr,
+        "num_processes": world, "custom_objects": list(CUSTOM_OBJECTS),
+    }
+
+
+def resume_state(accelerator: Any, checkpoint: Path, meta: dict[str, Any], state: "TrainState",
+                 steps_per_epoch: int) -> None:
+    """Refuse an incompatible checkpoint, then restore model, optimizer, schedule, RNG and position."""
+    _check_compatible(read_checkpoint_meta(checkpoint), meta, checkpoint)
+    accelerator.load_state(str(checkpoint))
+    if state.step_in_epoch >= steps_per_epoch:
+        state.epoch, state.step_in_epoch = state.epoch + 1, 0
+    logger.info("resumed from %s at epoch %d, step %d", checkpoint, state.epoch, state.global_step)
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg`` (single process, or every process of an ``accelerate launch``) and export the backbone."""
     from accelerate.utils import set_seed
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
     from tqdm.auto import tqdm
 
     if cfg.engine == "pipeline":  # the same run with the local stages pipelined across processes
@@ -514,30 +553,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     # ---- model, optimizer, schedule ------------------------------------------------------------
     lm = build_local_model(cfg, data).to(accelerator.device)
     broadcast_module(lm)
-    optimizer = create_optimizer_v2(lm, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum, filter_bias_and_bn=cfg.filter_bias_and_bn)
-    warmup = float(min(cfg.warmup_epochs, cfg.epochs / 2)) if cfg.warmup_epochs else 0.0
-    if warmup != cfg.warmup_epochs:
-        logger.warning("warmup_epochs=%s >= half of epochs=%s: using %s", cfg.warmup_epochs, cfg.epochs, warmup)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=cfg.epochs - warmup, warmup_epochs=warmup, warmup_prefix=True,
-        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
-    optimizer = accelerator.prepare(optimizer)
-    state = TrainState()
-    accelerator.register_for_checkpointing(lm, _SchedulerState(scheduler), state)  # order = CUSTOM_OBJECTS
-
-    meta = {
-        "model": cfg.model, "method": lm.method_name, "method_config": lm.method_config,
-        "num_classes": data.num_classes, "in_chans": data.in_chans, "image_size": data.image_size,
-        "dataset": data.dataset, "batch_size": cfg.batch_size, "epochs": cfg.epochs, "lr": cfg.lr,
-        "num_processes": world, "custom_objects": list(CUSTOM_OBJECTS),
-    }
+    optimizer, scheduler, state = prepare_optimization(cfg, lm, accelerator, steps_per_epoch)
+    meta = run_meta(cfg, lm, data, world)
     if resume_from is not None:
-        _check_compatible(read_checkpoint_meta(resume_from), meta, resume_from)
-        accelerator.load_state(str(resume_from))
-        if state.step_in_epoch >= steps_per_epoch:
-            state.epoch, state.step_in_epoch = state.epoch + 1, 0
-        logger.info("resumed from %s at epoch %d, step %d", resume_from, state.epoch, state.global_step)
+        resume_state(accelerator, resume_from, meta, state, steps_per_epoch)
     last_checkpoint = resume_from
 
     resolved = {**cfg.to_dict(), "output_dir": str(output_dir), "data": dataclasses.asdict(data),

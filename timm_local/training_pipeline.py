@@ -26,10 +26,10 @@ import yaml
 
 from .config import TrainConfig
 from .data import create_datasets
-from .training import (CONFIG_NAME, CUSTOM_OBJECTS, EXPORT_DIR, METRICS_NAME, NonFiniteLossError, TrainResult,
-                       TrainState, _check_compatible, _export, _freeze_bn, _make_accelerator, _Metrics,
-                       _resolve_resume, _save_checkpoint, _scalar_config, _SchedulerState, _tracker_names,
-                       _yaml_safe, build_local_model, evaluate, latest_checkpoint, read_checkpoint_meta, _loader)
+from .training import (CONFIG_NAME, EXPORT_DIR, METRICS_NAME, NonFiniteLossError, TrainResult,
+                       _export, _freeze_bn, _make_accelerator, _Metrics, _resolve_resume, _save_checkpoint,
+                       _scalar_config, _tracker_names, _yaml_safe, build_local_model, evaluate, latest_checkpoint,
+                       _loader, prepare_optimization, resume_state, run_meta)
 
 __all__ = ["train_pipeline", "pipeline_layout"]
 
@@ -68,8 +68,6 @@ def _train_loader(train_set: Any, cfg: TrainConfig, replica: int, replicas: int)
 def train_pipeline(cfg: TrainConfig) -> TrainResult:
     """:func:`timm_local.training.train` on the pipelined engine (every process of a W*R-process launch)."""
     from accelerate.utils import set_seed
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
     from tqdm.auto import tqdm
 
     from .engine import PipelineTrainer
@@ -104,29 +102,11 @@ def train_pipeline(cfg: TrainConfig) -> TrainResult:
         input_size=(data.in_chans, data.image_size, data.image_size), cost_batch_size=cfg.batch_size // replicas,
         device=accelerator.device)  # broadcasts process 0's weights
     train_loader = _train_loader(train_set, cfg, trainer.replica, replicas) if trainer.is_first else None
-    optimizer = create_optimizer_v2(lm, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum, filter_bias_and_bn=cfg.filter_bias_and_bn)
-    warmup = float(min(cfg.warmup_epochs, cfg.epochs / 2)) if cfg.warmup_epochs else 0.0
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=cfg.epochs - warmup, warmup_epochs=warmup, warmup_prefix=True,
-        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
-    optimizer = accelerator.prepare(optimizer)
-    state = TrainState()
-    accelerator.register_for_checkpointing(lm, _SchedulerState(scheduler), state)  # order = CUSTOM_OBJECTS
-
-    meta = {
-        "model": cfg.model, "method": lm.method_name, "method_config": lm.method_config,
-        "num_classes": data.num_classes, "in_chans": data.in_chans, "image_size": data.image_size,
-        "dataset": data.dataset, "batch_size": cfg.batch_size, "epochs": cfg.epochs, "lr": cfg.lr,
-        "num_processes": world, "custom_objects": list(CUSTOM_OBJECTS),
-    }
+    optimizer, scheduler, state = prepare_optimization(cfg, lm, accelerator, steps_per_epoch)
+    meta = run_meta(cfg, lm, data, world)
     if resume_from is not None:
-        _check_compatible(read_checkpoint_meta(resume_from), meta, resume_from)
         # full model and optimizer on every process (checkpoints are consolidated), so any cut/W/engine resumes
-        accelerator.load_state(str(resume_from))
-        if state.step_in_epoch >= steps_per_epoch:
-            state.epoch, state.step_in_epoch = state.epoch + 1, 0
-        logger.info("resumed from %s at epoch %d, step %d", resume_from, state.epoch, state.global_step)
+        resume_state(accelerator, resume_from, meta, state, steps_per_epoch)
     last_checkpoint = resume_from
 
     resolved = {**cfg.to_dict(), "output_dir": str(output_dir), "data": dataclasses.asdict(data),
