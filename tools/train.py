@@ -24,6 +24,7 @@ from timm_local.training import CheckpointMismatchError, NonFiniteLossError, tra
 def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = parse_config(argv, description=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown the progress
     try:
         result = train(cfg)
     except (DatasetNotFoundError, CheckpointMismatchError, FileExistsError) as e:
