@@ -58,6 +58,8 @@ def parse_args() -> argparse.Namespace:
                         "with several threads, which also slows down badly when the machine is shared)")
     p.add_argument("--runs-dir", default="runs/accuracy")
     p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--report-only", action="store_true",
+                   help="re-render the table and plot from the saved JSON, without training")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more tools/train.py flags")
     return p.parse_args()
 
@@ -71,7 +73,6 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
 
 def make_subset(dataset: str, data_dir: str | None, size: int, seed: int, out: Path) -> str:
     """A stratified subset of an MNIST-format training set (test set unchanged), as IDX files."""
-    from timm_local.data import load_image_sources  # noqa: F401  (raises a clear error if missing)
     from timm_local.data import _find_idx, _search_roots, read_idx
 
     stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -158,7 +159,9 @@ def write_results(args: argparse.Namespace, runs: list[dict[str, Any]], subset: 
              f"train subset {subset or 'all'}, full test set", "",
              "Same recipe for every method: SGD Nesterov 0.9, wd 1e-4, batch "
              f"{args.batch_size}, lr {args.lr}, cosine with {args.warmup_epochs} warm-up epoch(s), seeds {args.seeds}. "
-             f"Machine: {machine}. Produced by `benchmarks/accuracy.py`.", "",
+             f"Machine: {machine}. Produced by `benchmarks/accuracy.py`. Train time is the wall time of each "
+             f"run's training loop with {args.jobs} runs in parallel, one thread each, on a shared machine: "
+             "a rough guide only (benchmarks/results/cost_table_* compares speed properly).", "",
              "| method | final top-1 % | best top-1 % | GMACs/sample | train time s |", "|---|---|---|---|---|"]
     by_label: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
@@ -195,6 +198,10 @@ def write_results(args: argparse.Namespace, runs: list[dict[str, Any]], subset: 
 
 def main() -> None:
     args = parse_args()
+    if args.report_only:
+        saved = json.loads((Path(args.results_dir) / f"accuracy_{args.dataset}.json").read_text())
+        write_results(args, saved["runs"], args.train_subset)
+        return
     data_dir = args.data_dir
     if args.train_subset:
         data_dir = make_subset(args.dataset, args.data_dir, args.train_subset, 0,
