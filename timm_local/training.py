@@ -35,7 +35,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -513,6 +513,19 @@ def resume_state(accelerator: Any, checkpoint: Path, meta: dict[str, Any], state
     logger.info("resumed from %s at epoch %d, step %d", checkpoint, state.epoch, state.global_step)
 
 
+def close_epoch(cfg: TrainConfig, state: "TrainState", epoch: int, steps_per_epoch: int, stopped_early: bool,
+                run_eval: Callable[[int], Any], save: Callable[[str], Path]) -> Path:
+    """After the step loop of ``epoch``: evaluate when due and write the checkpoint that lets a later
+    ``--resume`` continue exactly here (epoch boundary, or mid-epoch when ``max_steps`` stopped it)."""
+    if state.step_in_epoch >= steps_per_epoch:  # epoch complete
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+        if state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs or stopped_early:
+            run_eval(state.epoch)
+        return save("epoch")
+    run_eval(epoch)  # stopped by max_steps inside the epoch
+    return save("max_steps")
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg`` (single process, or every process of an ``accelerate launch``) and export the backbone."""
     from accelerate.utils import set_seed
@@ -679,14 +692,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 stopped_early = True
                 break
         state.train_time_s += time.perf_counter() - t_epoch
-        if state.step_in_epoch >= steps_per_epoch:  # epoch complete
-            state.epoch, state.step_in_epoch = epoch + 1, 0
-            if state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs or stopped_early:
-                run_eval(state.epoch)
-            last_checkpoint = save("epoch")
-        else:  # stopped by max_steps inside the epoch
-            run_eval(epoch)
-            last_checkpoint = save("max_steps")
+        last_checkpoint = close_epoch(cfg, state, epoch, steps_per_epoch, stopped_early, run_eval, save)
     progress.close()
 
     # ---- finish: final evaluation (if the last state was not evaluated) and export ---------------

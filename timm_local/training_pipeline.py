@@ -29,7 +29,7 @@ from .data import create_datasets
 from .training import (CONFIG_NAME, EXPORT_DIR, METRICS_NAME, NonFiniteLossError, TrainResult,
                        _export, _freeze_bn, _make_accelerator, _Metrics, _resolve_resume, _save_checkpoint,
                        _scalar_config, _tracker_names, _yaml_safe, build_local_model, evaluate, latest_checkpoint,
-                       _loader, prepare_optimization, resume_state, run_meta)
+                       _loader, close_epoch, prepare_optimization, resume_state, run_meta)
 
 __all__ = ["train_pipeline", "pipeline_layout"]
 
@@ -212,14 +212,7 @@ def train_pipeline(cfg: TrainConfig) -> TrainResult:
                 stopped_early = True
                 break
         state.train_time_s += time.perf_counter() - t_epoch
-        if state.step_in_epoch >= steps_per_epoch:  # epoch complete
-            state.epoch, state.step_in_epoch = epoch + 1, 0
-            if state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs or stopped_early:
-                run_eval(state.epoch)
-            last_checkpoint = save("epoch")
-        else:  # stopped by max_steps inside the epoch
-            run_eval(epoch)
-            last_checkpoint = save("max_steps")
+        last_checkpoint = close_epoch(cfg, state, epoch, steps_per_epoch, stopped_early, run_eval, save)
     progress.close()
 
     # ---- finish ----------------------------------------------------------------------------------
