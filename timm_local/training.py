@@ -56,6 +56,9 @@ __all__ = [
     "latest_checkpoint",
     "read_checkpoint_meta",
     "export_run",
+    "read_run",
+    "load_local_model",
+    "SavedRun",
     "read_metrics",
 ]
 
@@ -746,18 +749,20 @@ def _export(backbone: nn.Module, method_name: str, method_config: dict[str, Any]
         metadata=_export_metadata(cfg, data, state, method_name, method_config), label_names=data.classes)
 
 
-def export_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None,
-               export_dir: Optional[Union[str, Path]] = None) -> Path:
-    """Export the backbone of a run's checkpoint (latest by default) to ``RUN_DIR/export``.
+@dataclass
+class SavedRun:
+    """What a run folder holds for one checkpoint: its resolved config, data description and model state."""
 
-    Rebuilds only the timm backbone from the run's ``config.yaml`` and loads the ``backbone.*`` part of
-    the checkpointed LocalModel state -- the auxiliary heads are not part of an export.
-    """
-    import timm
+    run_dir: Path
+    checkpoint: Path
+    cfg: TrainConfig
+    data: DataConfig
+    meta: dict[str, Any]
+    model_state: dict[str, torch.Tensor]  # the whole LocalModel: "backbone.*" and the auxiliary heads
 
-    import timm_local  # noqa: F401  (our architectures in timm's registry)
-    from .data import DataConfig as _DataConfig
 
+def read_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None) -> SavedRun:
+    """Read a run's ``config.yaml`` and one checkpoint (the latest complete one by default)."""
     run_dir = Path(run_dir)
     config_path = run_dir / CONFIG_NAME
     if not config_path.is_file():
@@ -768,17 +773,45 @@ def export_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]]
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint under {CHECKPOINT_DIR}/")
     meta = read_checkpoint_meta(ckpt)
     index = meta.get("custom_objects", list(CUSTOM_OBJECTS)).index("model")
-    full_state = torch.load(ckpt / f"custom_checkpoint_{index}.pkl", map_location="cpu", weights_only=True)
-    backbone_state = {k[len("backbone."):]: v for k, v in full_state.items() if k.startswith("backbone.")}
+    model_state = torch.load(ckpt / f"custom_checkpoint_{index}.pkl", map_location="cpu", weights_only=True)
     field_names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in resolved.items() if k in field_names})
-    data_fields = {f.name for f in dataclasses.fields(_DataConfig)}
-    data = _DataConfig(**{k: v for k, v in resolved["data"].items() if k in data_fields})
+    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
+    data = DataConfig(**{k: v for k, v in resolved["data"].items() if k in data_fields})
     data.mean, data.std = tuple(data.mean), tuple(data.std)
+    return SavedRun(run_dir, ckpt, cfg, data, meta, model_state)
+
+
+def load_local_model(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None) -> tuple[Any, SavedRun]:
+    """A run's whole LocalModel -- backbone *and* auxiliary heads -- as trained, for diagnostics on the heads.
+
+    An export keeps only the backbone (that is what inference needs); this is for questions about the
+    local objectives themselves, e.g. how well each block's head classifies (benchmarks/head_accuracy.py).
+    """
+    run = read_run(run_dir, checkpoint)
+    lm = build_local_model(run.cfg, run.data)
+    lm.load_state_dict(run.model_state)
+    return lm, run
+
+
+def export_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None,
+               export_dir: Optional[Union[str, Path]] = None) -> Path:
+    """Export the backbone of a run's checkpoint (latest by default) to ``RUN_DIR/export``.
+
+    Rebuilds only the timm backbone from the run's ``config.yaml`` and loads the ``backbone.*`` part of
+    the checkpointed LocalModel state -- the auxiliary heads are not part of an export.
+    """
+    import timm
+
+    import timm_local  # noqa: F401  (our architectures in timm's registry)
+
+    run = read_run(run_dir, checkpoint)
+    cfg, data = run.cfg, run.data
+    backbone_state = {k[len("backbone."):]: v for k, v in run.model_state.items() if k.startswith("backbone.")}
     backbone = timm.create_model(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans,
                                  **dict(cfg.model_kwargs or {}))
     backbone.load_state_dict(backbone_state)
     state = TrainState()
-    state.load_state_dict(meta.get("train_state", {}))
-    return _export(backbone, meta["method"], meta.get("method_config", {}),
-                   Path(export_dir) if export_dir else run_dir / EXPORT_DIR, cfg, data, state)
+    state.load_state_dict(run.meta.get("train_state", {}))
+    return _export(backbone, run.meta["method"], run.meta.get("method_config", {}),
+                   Path(export_dir) if export_dir else run.run_dir / EXPORT_DIR, cfg, data, state)
