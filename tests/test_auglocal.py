@@ -47,6 +47,32 @@ def test_plans_strides_follow_primary_downsampling(resnet110_specs) -> None:
     assert d2[0].selection == (54,) and d2[0].strides == (2,)
 
 
+def test_resnet32_plans_pinned_by_hand() -> None:
+    """The accuracy benchmark's model (issue 8), worked out from AUGLOCAL.md §2 on paper.
+
+    ResNet-32: N = 16 (stem + 3 stages x 5 blocks at 32/16/8 px). d=4: D = 3, K = 13, blocks 0..11
+    get heads, D_i = round(3 - i/11) = 3 for i <= 5 and 2 after; the final module is blocks 12..15.
+    """
+    import timm
+
+    specs = timm_local.partition(timm.create_model("resnet32_cifar")).specs
+    plans = {p.block: p for p in auglocal_plans(specs, aux_depth=4, tau=0.5)}
+    assert sorted(plans) == list(range(12))
+    assert [plans[i].depth for i in range(12)] == [3] * 6 + [2] * 6
+    # block 0 (32 px) -> copies of 5 (32 px), 10 (16 px), 15 (8 px)
+    assert (plans[0].selection, plans[0].strides) == ((5, 10, 15), (1, 2, 2))
+    # block 6 (first at 16 px), D=2: round(6 + 9/2) = round(10.5) = 10 (half to even), then 15
+    assert (plans[6].selection, plans[6].strides) == ((10, 15), (1, 2))
+    # block 11 (first at 8 px): no downsampling left
+    assert (plans[11].selection, plans[11].strides) == ((13, 15), (1, 1))
+    d6 = {p.block: p for p in auglocal_plans(specs, aux_depth=6, tau=0.5)}
+    assert [d6[i].depth for i in range(10)] == [5, 5, 5, 4, 4, 4, 4, 3, 3, 3]
+    assert (d6[0].selection, d6[0].strides) == ((3, 6, 9, 12, 15), (1, 2, 1, 2, 1))
+    d2 = auglocal_plans(specs, aux_depth=2, tau=0.5)
+    assert len(d2) == 14 and {p.selection for p in d2} == {(15,)}
+    assert [p.strides for p in d2] == [(2,)] * 11 + [(1,)] * 3
+
+
 def test_built_heads_match_plans() -> None:
     model = timm_local.create_local_model("resnet110_cifar", "auglocal", aux_depth=4, tau=0.5, num_classes=10)
     plans = auglocal_plans(model.partition.specs, 4, 0.5)
