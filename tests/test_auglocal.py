@@ -98,6 +98,28 @@ def test_heads_are_fresh_and_outside_backbone() -> None:
     )
 
 
+def test_head_hidden_adds_a_vgg_style_classifier_of_that_width() -> None:
+    """AUGLOCAL.md §5: the paper's VGG13 auxiliary classifiers have hidden width 512 instead of 4096."""
+    plain = timm_local.create_local_model("resnet20_cifar", "auglocal", aux_depth=3, num_classes=10)
+    wide = timm_local.create_local_model("resnet20_cifar", "auglocal", aux_depth=3, num_classes=10,
+                                         method_kwargs={"head_hidden": 24})
+    assert wide.method_config == {"aux_depth": 3, "tau": 0.5, "head_hidden": 24}
+    assert plain.method_config == {"aux_depth": 3, "tau": 0.5}  # old checkpoints keep matching
+    assert not any(".mlp." in k for k in plain.state_dict())
+    for head in wide.heads:
+        chs = head.layers[-1].conv2.out_channels
+        linears = [m for m in head.mlp if isinstance(m, nn.Linear)]
+        assert [(m.in_features, m.out_features) for m in linears] == [(chs, 24), (24, 24)]
+        assert (head.fc.in_features, head.fc.out_features) == (24, 10)
+    # the extra cost is exactly the two hidden layers and the wider classifier, per head
+    extra = sum(h.layers[-1].conv2.out_channels * 24 + 24 * 24 + 24 * 10 - h.layers[-1].conv2.out_channels * 10
+                for h in wide.heads)
+    gap = macs_per_sample(wide, (3, 32, 32))["gmacs"] - macs_per_sample(plain, (3, 32, 32))["gmacs"]
+    assert gap * 1e9 == pytest.approx(extra, rel=1e-6)
+    out = wide.local_step(torch.randn(4, 3, 32, 32), torch.arange(4))
+    assert all(h.shape == (4, 10) for h in out.head_logits if h is not None)
+
+
 # AUGLOCAL.md §4, Table 2: GMACs per 32x32 image, ResNet-110, tau = 0.5
 PAPER_GMACS = {None: 0.25, 2: 0.63, 3: 0.69, 4: 0.80, 5: 0.98, 6: 1.13}
 
@@ -119,6 +141,7 @@ def test_resnet110_macs_match_paper(aux_depth) -> None:
         (dict(method="auglocal", tau=1.5), "tau"),
         (dict(method="auglocal", tau=-0.1), "tau"),
         (dict(method="auglocal", aux_depth=16), "aux_depth <= 15"),
+        (dict(method="auglocal", method_kwargs={"head_hidden": -1}), "head_hidden.*integer >= 0"),
         (dict(method="no_such_method"), "unknown method 'no_such_method'; registered methods: .*auglocal"),
         (dict(method="bp", aux_depth=3), "does not accept"),
     ],

@@ -51,6 +51,8 @@ def test_recipe_is_valid(path):
         assert cfg.warmup_epochs > 0 and cfg.dataset == key.split("/")[0]
         if "auglocal_d" in path.name:
             assert cfg.aux_depth == int(path.stem[-1]) and cfg.tau == 0.5
+            # the paper's VGG13 gives its auxiliary classifiers hidden width 512; the other recipes pool + linear
+            assert cfg.method_kwargs.get("head_hidden", 0) == (512 if key == "imagenet/vgg13_bn" else 0)
 
 
 def test_command_line_overrides_the_recipe_and_bases_merge(tmp_path):

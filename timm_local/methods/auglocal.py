@@ -92,27 +92,35 @@ def auglocal_plans(specs: list[BlockSpec], aux_depth: int, tau: float) -> list[A
 
 
 class AugLocalHead(LocalHead):
-    """Copied blocks → global average pool → flatten → (BatchNorm1d if one block) → linear."""
+    """Copied blocks → global average pool → flatten → (BatchNorm1d if one block) → [MLP] → linear.
 
-    def __init__(self, layers: list[nn.Module], num_features: int, num_classes: int) -> None:
+    ``hidden`` > 0 inserts the two hidden fully connected layers of a VGG-style classifier at that
+    width: the paper's VGG13 on ImageNet gives its auxiliary classifiers width 512 instead of VGG's
+    4096 (AUGLOCAL.md §5). 0, the default, is the head of §2.6.
+    """
+
+    def __init__(self, layers: list[nn.Module], num_features: int, num_classes: int, hidden: int = 0) -> None:
         super().__init__()
         self.layers = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.norm = nn.BatchNorm1d(num_features) if len(layers) == 1 else nn.Identity()
-        self.fc = nn.Linear(num_features, num_classes)
+        self.mlp = nn.Sequential(
+            nn.Linear(num_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True)
+        ) if hidden else nn.Identity()
+        self.fc = nn.Linear(hidden or num_features, num_classes)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.layers(features)).flatten(1)
-        return self.fc(self.norm(x))
+        return self.fc(self.mlp(self.norm(x)))
 
 
-def build_auglocal_head(partition: Partition, plan: AuxPlan, num_classes: int) -> AugLocalHead:
+def build_auglocal_head(partition: Partition, plan: AuxPlan, num_classes: int, hidden: int = 0) -> AugLocalHead:
     layers = []
     in_chs = partition.specs[plan.block].out_chs
     for j, stride in zip(plan.selection, plan.strides):
         layers.append(partition.make_block_like(j, in_chs, stride))
         in_chs = partition.specs[j].out_chs
-    head = AugLocalHead(layers, in_chs, num_classes)
+    head = AugLocalHead(layers, in_chs, num_classes, hidden)
     if isinstance(head.norm, nn.BatchNorm1d):
         nn.init.ones_(head.norm.weight)
         nn.init.zeros_(head.norm.bias)
@@ -121,16 +129,22 @@ def build_auglocal_head(partition: Partition, plan: AuxPlan, num_classes: int) -
 
 @register_method("auglocal")
 class AugLocal(LocalMethod):
-    def __init__(self, aux_depth: int = 3, tau: float = 0.5) -> None:
+    def __init__(self, aux_depth: int = 3, tau: float = 0.5, head_hidden: int = 0) -> None:
         validate_hparams(aux_depth, tau)
+        if not isinstance(head_hidden, int) or isinstance(head_hidden, bool) or head_hidden < 0:
+            raise ValueError(f"head_hidden (width of the auxiliary classifier's two hidden layers) must be an "
+                             f"integer >= 0, got {head_hidden!r}; 0 = pool + linear as in the paper's CIFAR heads")
         self.aux_depth = aux_depth
         self.tau = float(tau)
+        self.head_hidden = head_hidden
 
     def config(self) -> dict[str, Any]:
-        return {"aux_depth": self.aux_depth, "tau": self.tau}
+        # head_hidden only when used, so checkpoints written before it existed still match on resume
+        return {"aux_depth": self.aux_depth, "tau": self.tau, **({"head_hidden": self.head_hidden} if self.head_hidden else {})}
 
     def build(self, partition: Partition, num_classes: int) -> list[LocalStage]:
         plans = auglocal_plans(partition.specs, self.aux_depth, self.tau)
-        stages = [LocalStage([p.block], build_auglocal_head(partition, p, num_classes)) for p in plans]
+        stages = [LocalStage([p.block], build_auglocal_head(partition, p, num_classes, self.head_hidden))
+                  for p in plans]
         stages.append(LocalStage(list(range(len(plans), len(partition)))))
         return stages
