@@ -120,6 +120,21 @@ def test_head_hidden_adds_a_vgg_style_classifier_of_that_width() -> None:
     assert all(h.shape == (4, 10) for h in out.head_logits if h is not None)
 
 
+@pytest.mark.parametrize("rule", ["paper", "always", "never"])
+def test_head_norm_rule_places_batchnorm1d_before_the_classifier(rule) -> None:
+    model = timm_local.create_local_model("resnet32_cifar", "auglocal", aux_depth=4, tau=0.5, num_classes=10,
+                                          method_kwargs={"head_norm": rule})
+    plans = auglocal_plans(model.partition.specs, 4, 0.5)
+    has_bn = [isinstance(h.norm, nn.BatchNorm1d) for h in model.heads]
+    expected = {"paper": [p.depth == 1 for p in plans], "always": [True] * len(plans), "never": [False] * len(plans)}
+    assert has_bn == expected[rule]
+    # the copied blocks are the same whatever the rule: only the classifier's input changes
+    assert [len(h.layers) for h in model.heads] == [p.depth for p in plans]
+    assert ("head_norm" in model.method_config) == (rule != "paper")
+    x = model.heads[0](torch.randn(3, 16, 32, 32))
+    assert x.shape == (3, 10)
+
+
 # AUGLOCAL.md §4, Table 2: GMACs per 32x32 image, ResNet-110, tau = 0.5
 PAPER_GMACS = {None: 0.25, 2: 0.63, 3: 0.69, 4: 0.80, 5: 0.98, 6: 1.13}
 
@@ -142,6 +157,7 @@ def test_resnet110_macs_match_paper(aux_depth) -> None:
         (dict(method="auglocal", tau=-0.1), "tau"),
         (dict(method="auglocal", aux_depth=16), "aux_depth <= 15"),
         (dict(method="auglocal", method_kwargs={"head_hidden": -1}), "head_hidden.*integer >= 0"),
+        (dict(method="auglocal", method_kwargs={"head_norm": "sometimes"}), "head_norm must be one of"),
         (dict(method="no_such_method"), "unknown method 'no_such_method'; registered methods: .*auglocal"),
         (dict(method="bp", aux_depth=3), "does not accept"),
     ],

@@ -92,18 +92,22 @@ def auglocal_plans(specs: list[BlockSpec], aux_depth: int, tau: float) -> list[A
 
 
 class AugLocalHead(LocalHead):
-    """Copied blocks → global average pool → flatten → (BatchNorm1d if one block) → [MLP] → linear.
+    """Copied blocks → global average pool → flatten → (BatchNorm1d) → [MLP] → linear.
 
+    ``norm`` says whether BatchNorm1d precedes the classifier; the paper (and its code) puts it only
+    in one-block heads (AUGLOCAL.md §2.6), see :data:`HEAD_NORM_RULES`.
     ``hidden`` > 0 inserts the two hidden fully connected layers of a VGG-style classifier at that
     width: the paper's VGG13 on ImageNet gives its auxiliary classifiers width 512 instead of VGG's
     4096 (AUGLOCAL.md §5). 0, the default, is the head of §2.6.
     """
 
-    def __init__(self, layers: list[nn.Module], num_features: int, num_classes: int, hidden: int = 0) -> None:
+    def __init__(self, layers: list[nn.Module], num_features: int, num_classes: int, hidden: int = 0,
+                 norm: bool | None = None) -> None:
         super().__init__()
         self.layers = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.norm = nn.BatchNorm1d(num_features) if len(layers) == 1 else nn.Identity()
+        norm = len(layers) == 1 if norm is None else norm
+        self.norm = nn.BatchNorm1d(num_features) if norm else nn.Identity()
         self.mlp = nn.Sequential(
             nn.Linear(num_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True)
         ) if hidden else nn.Identity()
@@ -114,13 +118,21 @@ class AugLocalHead(LocalHead):
         return self.fc(self.mlp(self.norm(x)))
 
 
-def build_auglocal_head(partition: Partition, plan: AuxPlan, num_classes: int, hidden: int = 0) -> AugLocalHead:
+# Whether BatchNorm1d sits before an auxiliary classifier. "paper": only in one-block heads (§2.6).
+# "always" is ours: at short budgets a deeper head whose last copied block changes shape (projection
+# shortcut) trains markedly slower without it -- measured in docs/accuracy.md.
+HEAD_NORM_RULES = ("paper", "always", "never")
+
+
+def build_auglocal_head(partition: Partition, plan: AuxPlan, num_classes: int, hidden: int = 0,
+                        head_norm: str = "paper") -> AugLocalHead:
     layers = []
     in_chs = partition.specs[plan.block].out_chs
     for j, stride in zip(plan.selection, plan.strides):
         layers.append(partition.make_block_like(j, in_chs, stride))
         in_chs = partition.specs[j].out_chs
-    head = AugLocalHead(layers, in_chs, num_classes, hidden)
+    norm = {"paper": None, "always": True, "never": False}[head_norm]
+    head = AugLocalHead(layers, in_chs, num_classes, hidden, norm)
     if isinstance(head.norm, nn.BatchNorm1d):
         nn.init.ones_(head.norm.weight)
         nn.init.zeros_(head.norm.bias)
@@ -129,22 +141,29 @@ def build_auglocal_head(partition: Partition, plan: AuxPlan, num_classes: int, h
 
 @register_method("auglocal")
 class AugLocal(LocalMethod):
-    def __init__(self, aux_depth: int = 3, tau: float = 0.5, head_hidden: int = 0) -> None:
+    def __init__(self, aux_depth: int = 3, tau: float = 0.5, head_hidden: int = 0, head_norm: str = "paper") -> None:
         validate_hparams(aux_depth, tau)
         if not isinstance(head_hidden, int) or isinstance(head_hidden, bool) or head_hidden < 0:
             raise ValueError(f"head_hidden (width of the auxiliary classifier's two hidden layers) must be an "
                              f"integer >= 0, got {head_hidden!r}; 0 = pool + linear as in the paper's CIFAR heads")
+        if head_norm not in HEAD_NORM_RULES:
+            raise ValueError(f"head_norm must be one of {HEAD_NORM_RULES}, got {head_norm!r}; 'paper' puts "
+                             f"BatchNorm1d only in one-block heads (AUGLOCAL.md §2.6)")
         self.aux_depth = aux_depth
         self.tau = float(tau)
         self.head_hidden = head_hidden
+        self.head_norm = head_norm
 
     def config(self) -> dict[str, Any]:
-        # head_hidden only when used, so checkpoints written before it existed still match on resume
-        return {"aux_depth": self.aux_depth, "tau": self.tau, **({"head_hidden": self.head_hidden} if self.head_hidden else {})}
+        # extensions only when used, so checkpoints written before they existed still match on resume
+        extras = {"head_hidden": self.head_hidden} if self.head_hidden else {}
+        if self.head_norm != "paper":
+            extras["head_norm"] = self.head_norm
+        return {"aux_depth": self.aux_depth, "tau": self.tau, **extras}
 
     def build(self, partition: Partition, num_classes: int) -> list[LocalStage]:
         plans = auglocal_plans(partition.specs, self.aux_depth, self.tau)
-        stages = [LocalStage([p.block], build_auglocal_head(partition, p, num_classes, self.head_hidden))
-                  for p in plans]
+        stages = [LocalStage([p.block], build_auglocal_head(partition, p, num_classes, self.head_hidden,
+                                                            self.head_norm)) for p in plans]
         stages.append(LocalStage(list(range(len(plans), len(partition)))))
         return stages
