@@ -55,15 +55,19 @@ def measure_run(run_dir: Path, test_samples: int, batch_size: int, accelerator: 
         test_set = Subset(test_set, range(min(test_samples, len(test_set))))
     loader = accelerator.prepare(DataLoader(test_set, batch_size=batch_size, shuffle=False))
     result = evaluate(lm.to(accelerator.device), loader, accelerator, heads=True)
-    return {"run_dir": str(run_dir), "method": run.meta["method"],
-            "aux_depth": run.meta.get("method_config", {}).get("aux_depth"), "seed": cfg.seed,
+    method_config = run.meta.get("method_config", {})
+    return {"run_dir": str(run_dir), "method": run.meta["method"], "method_config": method_config,
+            "aux_depth": method_config.get("aux_depth"), "seed": cfg.seed,
             "dataset": cfg.dataset, "model": cfg.model, "samples": result["samples"],
             "backbone_top1": result["top1"], "head_blocks": head_blocks(lm),
             "head_top1": result.get("head_top1", []), "num_blocks": len(lm.partition)}
 
 
 def label(r: dict[str, Any]) -> str:
-    return f"{r['method']} d={r['aux_depth']}" if r["aux_depth"] else r["method"]
+    """Method, depth, and any hyper-parameter that is not the paper's default (e.g. head_norm=always)."""
+    name = f"{r['method']} d={r['aux_depth']}" if r["aux_depth"] else r["method"]
+    extras = {k: v for k, v in r.get("method_config", {}).items() if k in ("head_norm", "head_hidden")}
+    return name + "".join(f" {k}={v}" for k, v in extras.items())
 
 
 def mean_over_seeds(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
