@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     stem = Path(args.results_dir) / f"head_isolation_{args.dataset}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(
-        {"meta": {k: v for k, v in vars(args).items()}, "variants": {k: VARIANTS[k].__dict__ for k in results},
+        {"meta": {k: v for k, v in vars(args).items() if not k.endswith("_dir")},  # no machine paths in results
+         "variants": {k: VARIANTS[k].__dict__ for k in results},
          "results": results}, indent=2, default=list))
     text = render(results, args)
     stem.with_suffix(".md").write_text(text)
