@@ -73,7 +73,8 @@ def test_tiny_real_run_writes_table_json_and_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", [
         "accuracy.py", "--data-dir", str(tmp_path / "data"), "--model", "resnet20_cifar",
         "--methods", "bp", "auglocal:2", "--epochs", "1", "--train-subset", "20", "--batch-size", "10",
-        "--image-size", "8", "--jobs", "1", "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(results)])
+        "--image-size", "8", "--seeds", "0", "--jobs", "1", "--runs-dir", str(tmp_path / "runs"),
+        "--results-dir", str(results)])
     acc.main()
     saved = json.loads((results / "accuracy_fashion_mnist.json").read_text())
     assert [(r["method"], r["aux_depth"]) for r in saved["runs"]] == [("bp", None), ("auglocal", 2)]

@@ -98,6 +98,16 @@ def test_heads_are_fresh_and_outside_backbone() -> None:
     )
 
 
+def test_resnet32_heads_ending_in_a_downsampling_block_without_bn1d() -> None:
+    """docs/accuracy.md: the heads that train slowly at a short budget under the paper's BN1d rule."""
+    ending = {}
+    for d in range(2, 7):
+        model = timm_local.create_local_model("resnet32_cifar", "auglocal", aux_depth=d, tau=0.5, num_classes=10)
+        ending[d] = [i for i, h in enumerate(model.heads)
+                     if h.layers[-1].conv1.stride == (2, 2) and not isinstance(h.norm, nn.BatchNorm1d)]
+    assert ending == {2: [], 3: [0, 1, 2, 3, 4, 5, 6], 4: [0, 1, 6], 5: [], 6: []}
+
+
 def test_head_hidden_adds_a_vgg_style_classifier_of_that_width() -> None:
     """AUGLOCAL.md §5: the paper's VGG13 auxiliary classifiers have hidden width 512 instead of 4096."""
     plain = timm_local.create_local_model("resnet20_cifar", "auglocal", aux_depth=3, num_classes=10)
