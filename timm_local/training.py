@@ -445,6 +445,24 @@ def build_local_model(cfg: TrainConfig, data: DataConfig) -> Any:
     )
 
 
+def run_datasets(cfg: TrainConfig) -> tuple[Any, Any, DataConfig]:
+    """The train and test sets of a run, exactly as its config describes them (both engines, diagnostics)."""
+    train_set, test_set, data = create_datasets(
+        cfg.dataset, cfg.data_dir, image_size=cfg.image_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
+        augment=cfg.augment, seed=cfg.seed, mean=cfg.mean, std=cfg.std, image_column=cfg.image_column,
+        label_column=cfg.label_column)
+    if len(train_set) < cfg.batch_size:
+        raise ValueError(f"the training set has {len(train_set)} images, fewer than one batch ({cfg.batch_size}); "
+                         f"lower --batch-size")
+    return train_set, test_set, data
+
+
+def eval_batch_size(cfg: TrainConfig, world: int) -> int:
+    """The global evaluation batch, rounded down to a multiple of the processes (at least one each)."""
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+    return max(world, eval_bs - eval_bs % world)
+
+
 def _loader(dataset: Any, batch_size: int, shuffle: bool, drop_last: bool, cfg: TrainConfig) -> Any:
     from torch.utils.data import DataLoader
 
@@ -552,15 +570,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     set_seed(cfg.seed)
 
     # ---- data --------------------------------------------------------------------------------
-    train_set, test_set, data = create_datasets(
-        cfg.dataset, cfg.data_dir, image_size=cfg.image_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
-        augment=cfg.augment, seed=cfg.seed, mean=cfg.mean, std=cfg.std, image_column=cfg.image_column,
-        label_column=cfg.label_column)
-    if len(train_set) < cfg.batch_size:
-        raise ValueError(f"the training set has {len(train_set)} images, fewer than one batch ({cfg.batch_size}); "
-                         f"lower --batch-size")
-    eval_bs = cfg.eval_batch_size or cfg.batch_size
-    eval_bs = max(world, eval_bs - eval_bs % world)
+    train_set, test_set, data = run_datasets(cfg)
+    eval_bs = eval_batch_size(cfg, world)
     train_loader = _loader(train_set, cfg.batch_size, shuffle=True, drop_last=True, cfg=cfg)
     test_loader = _loader(test_set, eval_bs, shuffle=False, drop_last=False, cfg=cfg)
     train_loader, test_loader = accelerator.prepare(train_loader, test_loader)

@@ -25,11 +25,11 @@ import torch
 import yaml
 
 from .config import TrainConfig
-from .data import create_datasets
 from .training import (CONFIG_NAME, EXPORT_DIR, METRICS_NAME, NonFiniteLossError, TrainResult,
                        _export, _freeze_bn, _make_accelerator, _Metrics, _resolve_resume, _save_checkpoint,
                        _scalar_config, _tracker_names, _yaml_safe, build_local_model, evaluate, latest_checkpoint,
-                       _loader, close_epoch, prepare_optimization, resume_state, run_meta)
+                       _loader, close_epoch, eval_batch_size, prepare_optimization, resume_state, run_datasets,
+                       run_meta)
 
 __all__ = ["train_pipeline", "pipeline_layout"]
 
@@ -83,15 +83,8 @@ def train_pipeline(cfg: TrainConfig) -> TrainResult:
     set_seed(cfg.seed)
 
     # ---- data --------------------------------------------------------------------------------
-    train_set, test_set, data = create_datasets(
-        cfg.dataset, cfg.data_dir, image_size=cfg.image_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
-        augment=cfg.augment, seed=cfg.seed, mean=cfg.mean, std=cfg.std, image_column=cfg.image_column,
-        label_column=cfg.label_column)
-    if len(train_set) < cfg.batch_size:
-        raise ValueError(f"the training set has {len(train_set)} images, fewer than one batch ({cfg.batch_size}); "
-                         f"lower --batch-size")
-    eval_bs = cfg.eval_batch_size or cfg.batch_size
-    eval_bs = max(world, eval_bs - eval_bs % world)
+    train_set, test_set, data = run_datasets(cfg)
+    eval_bs = eval_batch_size(cfg, world)
     test_loader = accelerator.prepare(_loader(test_set, eval_bs, shuffle=False, drop_last=False, cfg=cfg))
     steps_per_epoch = len(train_set) // cfg.batch_size
 
