@@ -146,16 +146,24 @@ def gmacs_of(model: str, method: str, depth: int | None, tau: float, image_size:
 
 
 def label(r: dict[str, Any]) -> str:
-    return f"{r['method']} d={r['aux_depth']}" if r["aux_depth"] else r["method"]
+    """Method, depth, and any head setting a run records that is not the paper's (e.g. head_norm=always)."""
+    name = f"{r['method']} d={r['aux_depth']}" if r["aux_depth"] else r["method"]
+    extras = {k: v for k, v in r.get("method_config", {}).items() if k in ("head_norm", "head_hidden")}
+    return name + "".join(f" {k}={v}" for k, v in extras.items())
+
+
+def group_by_label(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs of one method/depth/setting across seeds, in order of first appearance."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault(label(r), []).append(r)
+    return groups
 
 
 def group_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Runs of one method/depth across seeds, with the statistics the table and checks use."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in runs:
-        groups.setdefault(label(r), []).append(r)
     stats = {}
-    for name, rs in groups.items():
+    for name, rs in group_by_label(runs).items():
         finals = [r["final_top1"] for r in rs]
         stats[name] = {
             "runs": rs, "seeds": [r["seed"] for r in rs], "finals": finals,

@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import group_by_label  # noqa: E402  (one labelling for both reports)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,15 +45,11 @@ def head_blocks(lm: Any) -> list[int]:
 def measure_run(run_dir: Path, test_samples: int, batch_size: int, accelerator: Any) -> dict[str, Any]:
     from torch.utils.data import DataLoader, Subset
 
-    from timm_local.data import create_datasets
-    from timm_local.training import evaluate, load_local_model
+    from timm_local.training import evaluate, load_local_model, run_datasets
 
     lm, run = load_local_model(run_dir)
     cfg = run.cfg
-    _, test_set, _ = create_datasets(
-        cfg.dataset, cfg.data_dir, image_size=cfg.image_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
-        augment=False, seed=cfg.seed, mean=cfg.mean, std=cfg.std, image_column=cfg.image_column,
-        label_column=cfg.label_column)
+    _, test_set, _ = run_datasets(cfg)
     if test_samples:
         test_set = Subset(test_set, range(min(test_samples, len(test_set))))
     loader = accelerator.prepare(DataLoader(test_set, batch_size=batch_size, shuffle=False))
@@ -63,20 +62,10 @@ def measure_run(run_dir: Path, test_samples: int, batch_size: int, accelerator: 
             "head_top1": result.get("head_top1", []), "num_blocks": len(lm.partition)}
 
 
-def label(r: dict[str, Any]) -> str:
-    """Method, depth, and any hyper-parameter that is not the paper's default (e.g. head_norm=always)."""
-    name = f"{r['method']} d={r['aux_depth']}" if r["aux_depth"] else r["method"]
-    extras = {k: v for k, v in r.get("method_config", {}).items() if k in ("head_norm", "head_hidden")}
-    return name + "".join(f" {k}={v}" for k, v in extras.items())
-
-
 def mean_over_seeds(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per method: the per-layer head accuracy averaged over its seeds (runs of one method share layers)."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in results:
-        groups.setdefault(label(r), []).append(r)
     out = {}
-    for name, rs in groups.items():
+    for name, rs in group_by_label(results).items():
         if any(r["head_blocks"] != rs[0]["head_blocks"] for r in rs):
             raise ValueError(f"runs of {name} have different heads: {[r['run_dir'] for r in rs]}")
         out[name] = {"blocks": rs[0]["head_blocks"], "seeds": [r["seed"] for r in rs],

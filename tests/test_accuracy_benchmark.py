@@ -22,6 +22,13 @@ def run(method: str, depth: int | None, seed: int, final: float) -> dict:
             "curve_train_loss": [1.0, 0.5]}
 
 
+def test_labels_name_non_default_head_settings():
+    run = {"method": "auglocal", "aux_depth": 4, "method_config": {"aux_depth": 4, "tau": 0.5, "head_norm": "always"}}
+    assert acc.label(run) == "auglocal d=4 head_norm=always"
+    assert acc.label({"method": "dgl", "aux_depth": None, "method_config": {}}) == "dgl"
+    assert acc.label({"method": "auglocal", "aux_depth": 2}) == "auglocal d=2"  # accuracy runs carry no config
+
+
 def test_subset_is_stratified_and_keeps_the_test_set(tmp_path):
     x, y = fx.write_mnist_idx(tmp_path / "src", n_train=60, n_test=12, size=8)
     out = Path(acc.make_subset("fashion_mnist", str(tmp_path / "src"), 30, 0, tmp_path / "subset"))

@@ -53,12 +53,6 @@ def test_head_accuracy_matches_the_runs_own_evaluation(auglocal_run, tmp_path):
     assert "| auglocal d=3 | 1 |" in table and (tmp_path / "head_accuracy_fashion_mnist.png").is_file()
 
 
-def test_labels_name_non_default_head_settings():
-    run = {"method": "auglocal", "aux_depth": 4, "method_config": {"aux_depth": 4, "tau": 0.5, "head_norm": "always"}}
-    assert heads_tool.label(run) == "auglocal d=4 head_norm=always"
-    assert heads_tool.label({"method": "dgl", "aux_depth": None, "method_config": {}}) == "dgl"
-
-
 def test_load_local_model_names_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a training run"):
         load_local_model(tmp_path)
