@@ -14,14 +14,15 @@ import statistics
 import time
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from .model import LocalModel
+if TYPE_CHECKING:  # the pipeline cut counts MACs with this module, and model.py imports the engines
+    from .model import LocalModel
 
 
 def count_macs(fn: Callable[[], Any]) -> int:

@@ -2,23 +2,32 @@
 
 ``sequential``: one process, stages in order. ``pipeline``: W processes each owning a
 contiguous run of local stages (× R data-parallel replicas), exactly equal to sequential.
+What a stage computes is in :mod:`.stage`, shared by both.
 """
-from .cut import CutReport, balanced_cut, local_stage_costs, segment_ranges
+from .cut import CutReport, agree_on_cut, balanced_cut, local_stage_costs, segment_ranges, validate_cut
 from .launch import free_port, launch_local
-from .pipeline import PipelineStepOutput, PipelineTopology, PipelineTrainer
-from .sequential import LocalStepOutput, run_stage, sequential_local_step
+from .pipeline import PipelineStepOutput, PipelineTrainer
+from .sequential import LocalStepOutput, sequential_local_step
+from .stage import Backward, check_finite_losses, default_backward, run_stage, stage_sums
+from .topology import PipelineTopology
 
 __all__ = [
+    "Backward",
     "CutReport",
     "LocalStepOutput",
     "PipelineStepOutput",
     "PipelineTopology",
     "PipelineTrainer",
+    "agree_on_cut",
     "balanced_cut",
+    "check_finite_losses",
+    "default_backward",
     "free_port",
     "launch_local",
     "local_stage_costs",
     "run_stage",
     "segment_ranges",
     "sequential_local_step",
+    "stage_sums",
+    "validate_cut",
 ]

@@ -18,11 +18,14 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import torch
+import torch.distributed as dist
 
-from .sequential import run_stage
+from ..cost import count_macs
+from .stage import run_stage
+from .topology import PipelineTopology
 
 if TYPE_CHECKING:  # model.py imports the engines, so engines import it only for types
     from ..model import LocalModel
@@ -57,8 +60,6 @@ def local_stage_costs(
     cut. Neither changes ``model``: timing runs on a deep copy (BatchNorm statistics and
     gradients of the original are untouched).
     """
-    from ..cost import count_macs  # cost.py imports model.py, which imports this package
-
     if input_size is None:
         input_size = (getattr(model.backbone, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
     if measure not in ("macs", "time"):
@@ -189,3 +190,45 @@ class CutReport:
             )
         lines.append(f"  predicted speed-up over sequential (free communication): {self.predicted_speedup:.2f}x")
         return "\n".join(lines)
+
+
+def agree_on_cut(
+    model: LocalModel,
+    topology: PipelineTopology,
+    cut: Sequence[int] | None = None,
+    costs: Sequence[float] | None = None,
+    measure: CostMeasure = "time",
+    input_size: Sequence[int] | None = None,
+    cost_batch_size: int | None = None,
+) -> CutReport:
+    """The cut every rank of a pipeline uses: rank 0 decides (estimating costs if needed) and broadcasts.
+
+    Why rank 0 alone: a ``"time"`` estimate differs from process to process, and every rank must run
+    the same cut. Arguments are validated on every rank first, so an error never leaves the others
+    waiting in the broadcast.
+    """
+    n_stages, w = len(model.stages), topology.num_segments
+    if w > n_stages:
+        raise ValueError(
+            f"{model.method_name} on this model has {n_stages} local stages; it cannot be cut into "
+            f"W={w} pipeline stages (each needs at least one local stage)"
+        )
+    if measure not in ("macs", "time"):
+        raise ValueError(f"cost_measure must be 'macs' or 'time', got {measure!r}")
+    if costs is not None and len(costs) != n_stages:
+        raise ValueError(f"got {len(costs)} stage costs for {n_stages} local stages")
+    if cut is not None:
+        cut = validate_cut(cut, n_stages, w)
+    decision: list[Any] = [None]
+    if topology.rank == 0:
+        label = "given" if costs is not None else measure
+        if costs is None and w == 1:  # nothing to balance (pure data parallelism)
+            costs, label = [0.0] * n_stages, "none needed, W=1"
+        elif costs is None:  # also for a given cut: the printed shares show how balanced it is
+            costs = local_stage_costs(model, input_size, measure, cost_batch_size)
+        costs = [float(c) for c in costs]
+        starts = list(cut) if cut is not None else balanced_cut(costs, w)
+        decision = [CutReport(starts, costs, label)]
+    if topology.world_size > 1:
+        dist.broadcast_object_list(decision, src=0)
+    return decision[0]

@@ -1,0 +1,64 @@
+"""Which local stage trains each tensor of a LocalModel: what a pipeline segment owns.
+
+A pipeline segment updates, checkpoints and broadcasts exactly the tensors of its local stages, so
+the assignment must be a partition: every parameter and buffer belongs to one local stage.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+
+from ..methods.base import LocalHead
+
+if TYPE_CHECKING:  # model.py imports the engines, so engines import it only for types
+    from ..model import LocalModel
+
+__all__ = ["needs_inputs", "tensors_by_local_stage"]
+
+
+def tensors_by_local_stage(model: LocalModel) -> list[list[tuple[str, torch.Tensor]]]:
+    """Every entry of ``model.state_dict()`` assigned to the local stage that trains it.
+
+    A stage owns its primary blocks and its head; the last stage (head=None) also owns the
+    backbone tensors outside every block, i.e. the network's top (pooling, classifier) that
+    runs there. A tensor shared by two stages cannot be split across processes: error.
+    """
+    stages = model.stages
+    if not stages or stages[-1].head is not None:
+        raise ValueError("a method's last local stage must use the network's own top (head=None)")
+    owner: dict[int, int] = {}
+
+    def claim(module: nn.Module, j: int) -> None:
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            previous = owner.setdefault(id(t), j)
+            if previous != j:
+                raise ValueError(
+                    f"a tensor is shared by local stages {previous} and {j}; the pipeline engine needs "
+                    "each parameter and buffer to belong to exactly one local stage"
+                )
+
+    for j, stage in enumerate(stages):
+        for index in stage.blocks:
+            claim(model.partition.blocks[index], j)
+        if stage.head is not None:
+            claim(stage.head, j)
+    owned: list[list[tuple[str, torch.Tensor]]] = [[] for _ in stages]
+    for name, t in model.state_dict(keep_vars=True).items():
+        j = owner.get(id(t))
+        if j is None:
+            if not name.startswith("backbone."):
+                raise ValueError(f"state entry {name!r} belongs to no local stage")
+            j = len(stages) - 1  # the network's top runs in the last stage
+        owned[j].append((name, t))
+    return owned
+
+
+def needs_inputs(head: LocalHead | None) -> bool:
+    """Whether a head's loss may read the network input (InfoPro's reconstruction does).
+
+    The default :meth:`LocalHead.local_loss` ignores it; any override is assumed to need it.
+    """
+    return head is not None and type(head).local_loss is not LocalHead.local_loss

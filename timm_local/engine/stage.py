@@ -1,0 +1,119 @@
+"""One local stage, as every engine runs it: forward from a detached input, its loss, the checks.
+
+Engines differ in *where* stages run (one process, or segments of a pipeline) but not in *what* a
+stage computes; keeping that here means the sequential and pipelined engines cannot drift apart
+(same forward, same activation checkpointing, same finiteness check, same per-stage statistics).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
+
+from ..methods.base import LocalStage
+from ..partition import Partition
+
+__all__ = ["Backward", "check_finite_losses", "default_backward", "run_stage", "stage_sums"]
+
+Backward = Callable[[torch.Tensor], None]
+
+
+def default_backward(loss: torch.Tensor) -> None:
+    """``loss.backward()``; training passes ``accelerator.backward`` instead (grad scaling)."""
+    loss.backward()
+
+
+@contextlib.contextmanager
+def _frozen_norm_statistics(module: torch.nn.Module) -> Iterator[None]:
+    """Undo the running-statistics update of a recomputed forward.
+
+    Activation checkpointing runs each block's forward twice (again in backward); without this,
+    BatchNorm running stats would be updated twice per step and the ``checkpoint`` baseline
+    would not be the same training as BP.
+    """
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    saved = [[b.detach().clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
+def _checkpointed(block: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return checkpoint(
+        block, h, use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _frozen_norm_statistics(block)),
+    )
+
+
+def run_stage(
+    partition: Partition,
+    stage: LocalStage,
+    h: torch.Tensor,
+    target: torch.Tensor,
+    inputs: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Forward one stage from its (already detached) input: (output, loss, logits)."""
+    for index in stage.blocks:
+        block = partition.blocks[index]
+        if stage.checkpoint and torch.is_grad_enabled():
+            h = _checkpointed(block, h)
+        else:
+            h = block(h)
+    if stage.head is None:
+        logits = partition.top(h)
+        return h, F.cross_entropy(logits, target), logits
+    loss, logits = stage.head.local_loss(h, target, inputs)
+    return h, loss, logits
+
+
+def check_finite_losses(losses: Mapping[int, torch.Tensor], partition: Partition, stages: Sequence[LocalStage],
+                        where: str = "") -> None:
+    """Raise ``FloatingPointError`` naming the first stage whose loss is NaN/inf.
+
+    One check (one device sync) per step rather than per stage; the caller must not take an
+    optimizer step after this error (the bad stage's gradients are not finite).
+    """
+    indices = list(losses)
+    finite = torch.isfinite(torch.stack([losses[j] for j in indices]))
+    if bool(finite.all()):
+        return
+    bad = indices[int((~finite).nonzero()[0])]
+    raise FloatingPointError(
+        f"local loss of the stage ending at block {partition.names[stages[bad].blocks[-1]]!r} is "
+        f"{losses[bad].item()}{where}; lower the learning rate or check the input normalisation"
+    )
+
+
+def stage_sums(losses: Mapping[int, torch.Tensor], logits: Mapping[int, torch.Tensor | None],
+               target: torch.Tensor, num_stages: int) -> dict[str, torch.Tensor]:
+    """Per-local-stage sums over one batch: the statistics a training log aggregates.
+
+    ``loss_sum[j]`` (loss × samples), ``samples[j]``, ``correct[j]`` (top-1 hits of stage j's logits:
+    its head's, or the network's for the last stage) and ``scored[j]`` (samples of stages that returned
+    logits); zero for stages not in ``losses`` (another pipeline segment runs them). Summed over steps
+    and processes, ``loss_sum / samples`` and ``correct / scored`` are every stage's mean loss and accuracy.
+    """
+    device = target.device
+    loss_sum = torch.zeros(num_stages, dtype=torch.float64, device=device)
+    correct = torch.zeros_like(loss_sum)
+    samples = torch.zeros_like(loss_sum)
+    scored = torch.zeros_like(loss_sum)
+    batch = target.shape[0]
+    labels = target if target.ndim == 1 else target.argmax(1)  # soft targets (mixup)
+    for j, loss in losses.items():
+        loss_sum[j] = loss.double() * batch
+        samples[j] = batch
+        stage_logits = logits.get(j)
+        if stage_logits is not None:
+            correct[j] = (stage_logits.argmax(1) == labels).sum().double()
+            scored[j] = batch
+    return {"loss_sum": loss_sum, "samples": samples, "correct": correct, "scored": scored}
