@@ -76,15 +76,15 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
 
 def make_subset(dataset: str, data_dir: str | None, size: int, seed: int, out: Path) -> str:
     """A stratified subset of an MNIST-format training set (test set unchanged), as IDX files."""
-    from timm_local.data import _find_idx, _search_roots, read_idx
+    from timm_local.data import IDX_STEMS as stems
+    from timm_local.data import find_idx, read_idx, search_roots
 
-    stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-    for root in _search_roots(dataset, data_dir):
-        paths = [_find_idx(root, s) for s in stems]
+    for root in search_roots(dataset, data_dir):
+        paths = [find_idx(root, s) for s in stems]
         if all(paths):
             break
     else:
-        raise SystemExit(f"{dataset} IDX files not found (looked in {[str(r) for r in _search_roots(dataset, data_dir)]}); "
+        raise SystemExit(f"{dataset} IDX files not found (looked in {[str(r) for r in search_roots(dataset, data_dir)]}); "
                          "apt-get install dataset-fashion-mnist, or pass --data-dir")
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     rng = np.random.default_rng(seed)

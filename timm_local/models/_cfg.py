@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
+from ..data.recipes import CIFAR_MEAN, CIFAR_STD  # one source for the paper's CIFAR statistics
+
+__all__ = ["CIFAR_MEAN", "CIFAR_STD", "cifar_cfg"]
 
 
 def cifar_cfg(**kwargs: Any) -> dict[str, Any]:

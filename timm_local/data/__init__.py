@@ -1,0 +1,47 @@
+"""Datasets for local-learning runs: named recipes, local folders in every common layout, HF datasets.
+
+What this package guarantees, and why:
+
+* **No silent downloads.** Named datasets (``cifar10``, ``mnist``, ...) are only ever read from
+  disk (:mod:`.resolve`); only an explicit hub id (``hf-hub:uoft-cs/cifar10``) reaches the network.
+* **One resolution path for every format** (:mod:`.readers`): a torchvision-format root, an HF
+  ``save_to_disk`` folder, parquet files or class folders all become the same
+  :class:`~.sources.ImageSource` of ``(PIL image, int label)`` pairs.
+* **The paper's augmentation per dataset** (:mod:`.recipes`, :mod:`.transforms`), with per-dataset
+  mean/std, and grayscale sets expanded to the channel count the model wants.
+* **Augmentation is a pure function of (seed, epoch, sample index)** (:mod:`.seeded`), so a resumed
+  run sees exactly the images an uninterrupted one sees.
+"""
+from .datasets import DataConfig, create_datasets
+from .readers import IDX_STEMS, find_idx, read_idx
+from .recipes import DEFAULT_DATASET, RECIPES, DatasetRecipe, get_recipe, list_datasets
+from .resolve import DATA_DIR_ENV, HUB_PREFIX, load_image_sources, search_roots
+from .seeded import SeededTransformDataset
+from .sources import ArraySource, DatasetNotFoundError, HFSource, ImageSource, ImageSplits, TorchvisionSource
+from .transforms import build_transform, expand_stats
+
+__all__ = [
+    "ArraySource",
+    "DATA_DIR_ENV",
+    "DEFAULT_DATASET",
+    "DataConfig",
+    "DatasetNotFoundError",
+    "DatasetRecipe",
+    "HFSource",
+    "HUB_PREFIX",
+    "IDX_STEMS",
+    "ImageSource",
+    "ImageSplits",
+    "RECIPES",
+    "SeededTransformDataset",
+    "TorchvisionSource",
+    "build_transform",
+    "create_datasets",
+    "expand_stats",
+    "find_idx",
+    "get_recipe",
+    "list_datasets",
+    "load_image_sources",
+    "read_idx",
+    "search_roots",
+]
