@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["METADATA_KEY", "export_backbone", "load_exported", "pretrained_cfg_overlay", "read_export_metadata",
+__all__ = ["METADATA_KEY", "export_backbone", "load_exported", "pretrained_cfg_overlay", "read_export_metadata", "to_jsonable",
            "push_export_to_hub"]
 
 #: Top-level config.json key under which the training metadata is stored.
@@ -61,7 +61,7 @@ def export_backbone(
     if label_names:
         model_config["label_names"] = list(label_names)
     if metadata:
-        model_config[METADATA_KEY] = _jsonable(dict(metadata))
+        model_config[METADATA_KEY] = to_jsonable(dict(metadata))
     was_training = backbone.training
     backbone.eval()
     try:
@@ -83,12 +83,12 @@ def _cpu_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to("cpu")
 
 
-def _jsonable(value: Any) -> Any:
+def to_jsonable(value: Any) -> Any:
     """Make metadata JSON-serialisable (tuples -> lists, tensors/numpy -> numbers, paths -> str)."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [to_jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
     if hasattr(value, "item") and callable(value.item):  # numpy scalars

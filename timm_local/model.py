@@ -7,7 +7,8 @@ import timm
 import torch
 import torch.nn as nn
 
-from .engine.sequential import Backward, LocalStepOutput, sequential_local_step
+from .engine.sequential import LocalStepOutput, sequential_local_step
+from .engine.stage import Backward
 from .methods import LocalStage, create_method
 from .partition import Partition, partition
 
@@ -56,6 +57,19 @@ class LocalModel(nn.Module):
         return sequential_local_step(self.partition, self.stages, x, y, backward)
 
 
+def create_backbone(name: str, **timm_kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, **timm_kwargs)``, with an unknown name a clear error listing ours."""
+    try:
+        return timm.create_model(name, **timm_kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ValueError(
+                f"unknown model {name!r}: use a timm model name (timm.list_models()) or one of "
+                f"ours: {', '.join(timm.list_models('*_cifar'))}"
+            ) from None
+        raise
+
+
 def create_local_model(
     model: str | nn.Module,
     method: str = "auglocal",
@@ -72,15 +86,7 @@ def create_local_model(
     coefficient; both are passed only when given, so methods without them accept defaults.
     """
     if isinstance(model, str):
-        try:
-            backbone = timm.create_model(model, **timm_kwargs)
-        except RuntimeError as e:
-            if "Unknown model" in str(e):
-                raise ValueError(
-                    f"unknown model {model!r}: use a timm model name (timm.list_models()) or one of "
-                    f"ours: {', '.join(timm.list_models('*_cifar'))}"
-                ) from None
-            raise
+        backbone = create_backbone(model, **timm_kwargs)
     else:
         if timm_kwargs:
             raise TypeError(f"timm arguments {sorted(timm_kwargs)} given with an already built model")

@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from timm_local.training_plot import plot_runs
+from timm_local.training.plot import plot_runs
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -17,11 +17,11 @@ from ..partition import Partition, init_like_primary
 from ._shared import InfoProDecoder
 from .auglocal import auglocal_plans, build_auglocal_head, validate_hparams
 from .base import LocalMethod, LocalStage, register_method
-from .infopro import ReconstructionHead, _ReconstructionWeights
+from .infopro import ReconstructionHead, ReconstructionWeights
 
 
 @register_method("auglocal_infopro")
-class AugLocalInfoPro(_ReconstructionWeights, LocalMethod):
+class AugLocalInfoPro(ReconstructionWeights, LocalMethod):
     """AugLocal (``aux_depth`` = d, ``tau``) with InfoPro's reconstruction loss and weights."""
 
     def __init__(

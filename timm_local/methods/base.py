@@ -6,6 +6,7 @@ network's own top (pooling + classifier) and cross-entropy.
 """
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, TypeVar
@@ -79,15 +80,34 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def create_method(name: str, **kwargs: Any) -> LocalMethod:
-    """Instantiate a registered method; hyper-parameters it does not take are an error."""
+def method_class(name: str) -> type[LocalMethod]:
+    """The registered class of method ``name``, or an error listing the registered methods."""
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(list_methods())}")
-    cls = _METHODS[name]
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise TypeError(f"method {name!r} does not accept {sorted(kwargs)}: {e}") from None
+    return _METHODS[name]
+
+
+def method_hyperparameters(name: str) -> dict[str, Any]:
+    """The hyper-parameters method ``name`` declares, with their defaults: its constructor's signature.
+
+    A method declares what it takes by its ``__init__`` parameters; callers route their settings by this
+    (e.g. the paper's ``aux_depth`` / ``tau`` go only to methods that declare them), never by trying
+    a construction and reading a ``TypeError``, which a real error inside a constructor would fake.
+    """
+    signature = inspect.signature(method_class(name).__init__)
+    return {p.name: p.default for p in list(signature.parameters.values())[1:]
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def create_method(name: str, **kwargs: Any) -> LocalMethod:
+    """Instantiate a registered method; hyper-parameters it does not declare are an error."""
+    cls = method_class(name)
+    declared = method_hyperparameters(name)
+    unknown = sorted(set(kwargs) - set(declared))
+    if unknown:
+        takes = ", ".join(sorted(declared)) or "no hyper-parameters"
+        raise TypeError(f"method {name!r} does not accept {unknown}; it takes: {takes}")
+    return cls(**kwargs)
 
 
 def single_stage_for_all(partition: Partition, checkpoint: bool = False) -> list[LocalStage]:

@@ -77,7 +77,7 @@ class ReconstructionHead(LocalHead):
         return f"lambda_x={self.lambda_x:.4g}, lambda_y={self.lambda_y:.4g}"
 
 
-class _ReconstructionWeights:
+class ReconstructionWeights:
     """Hyper-parameters shared by the InfoPro-style methods (loss weights, data statistics)."""
 
     def _init_weights(
@@ -100,19 +100,24 @@ class _ReconstructionWeights:
         self.mean = None if mean is None else tuple(float(v) for v in mean)
         self.std = None if std is None else tuple(float(v) for v in std)
         self.resolved: tuple[str, LossWeights] | None = None
+        self.stats_used: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def _weights_config(self) -> dict[str, Any]:
+        # the statistics actually used (given, else the backbone's pretrained_cfg once built): the
+        # reconstruction target depends on them, so a resumed run must use the same
+        mean, std = self.stats_used or (self.mean, self.std)
         return {
             "weights": self.weights,
             "lambda_x": self.lambda_x,
             "lambda_y": self.lambda_y,
-            "mean": self.mean,
-            "std": self.std,
+            "mean": mean,
+            "std": std,
         }
 
     def _resolve(self, partition: Partition) -> tuple[LossWeights, tuple[float, ...], tuple[float, ...]]:
         self.resolved = resolve_loss_weights(self.weights, len(partition), self.lambda_x, self.lambda_y)
         mean, std = dataset_stats(partition, self.mean, self.std)
+        self.stats_used = (mean, std)
         return self.resolved[1], mean, std
 
 
@@ -129,7 +134,7 @@ def infopro_conv(partition: Partition, index: int) -> tuple[int, int]:
 
 
 @register_method("infopro")
-class InfoPro(_ReconstructionWeights, LocalMethod):
+class InfoPro(ReconstructionWeights, LocalMethod):
     """Information propagation: classification + image reconstruction on every block but the last.
 
     ``weights``: "auto" (default; the paper preset for the nearest number of blocks),

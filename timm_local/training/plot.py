@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .training import read_metrics
+from .metrics import read_metrics
 
 __all__ = ["plot_runs", "run_label"]
 

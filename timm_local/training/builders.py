@@ -1,0 +1,158 @@
+"""The pieces of a run, built from its config: accelerator, datasets and loaders, LocalModel, optimizer and schedule.
+
+Why the accelerator is built this way, and why the model is not ``accelerator.prepare``-d (no DDP
+wrapper): see :mod:`timm_local.training.runners`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from ..config import TrainConfig
+from ..data import DataConfig, create_datasets
+from ..methods.base import method_hyperparameters
+from .checkpoint import register_for_checkpointing
+from .metrics import tracker_names
+from .state import TrainState
+
+__all__ = ["build_backbone", "build_local_model", "eval_batch_size", "freeze_batchnorm", "has_accelerator", "make_accelerator",
+           "make_loader", "method_kwargs", "prepare_optimization", "run_datasets"]
+
+logger = logging.getLogger(__name__)
+
+
+def has_accelerator() -> bool:
+    """True where torch sees a GPU (or another accelerator)."""
+    if hasattr(torch, "accelerator"):
+        return bool(torch.accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Any:
+    """Accelerate with the run's precision, trackers, global batch split and seedable data order.
+
+    ``split_batches=True``: ``batch_size`` is the paper's (global) batch whatever the number of processes.
+    The seedable sampler makes the data order a function of (seed, epoch), which exact resume needs.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    trackers = tracker_names(cfg.trackers)
+    # Accelerate only selects multi-process CPU (gloo) when told to use the CPU; a torchrun-style launch
+    # (`accelerate launch --multi_gpu --num_processes N`, `torchrun`) on a machine without an accelerator
+    # would otherwise start N independent single-process runs.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) >= 0
+    cpu = cfg.cpu or (launched and not has_accelerator())
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=cfg.mixed_precision,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=cfg.seed),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def method_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """The method's hyper-parameters: ``method_kwargs`` plus ``aux_depth`` / ``tau`` where it declares them.
+
+    ``aux_depth`` and ``tau`` are top-level keys because they are the paper's; a recipe for AugLocal run
+    with ``--method bp`` (the usual comparison) drops them with a warning instead of failing. What a
+    method takes is read from its signature (:func:`~timm_local.methods.base.method_hyperparameters`).
+    """
+    kwargs = dict(cfg.method_kwargs or {})
+    paper = {k: v for k, v in (("aux_depth", cfg.aux_depth), ("tau", cfg.tau)) if v is not None}
+    declared = method_hyperparameters(cfg.method)
+    dropped = [k for k in paper if k not in declared]
+    if dropped:
+        logger.warning("method %r takes no %s; ignoring them", cfg.method, " / ".join(dropped))
+    return {**kwargs, **{k: v for k, v in paper.items() if k in declared}}
+
+
+def build_backbone(cfg: TrainConfig, data: DataConfig) -> nn.Module:
+    """The run's timm model (``cfg.model`` from timm's registry), sized for its data.
+
+    The data's preprocessing goes into the model's ``pretrained_cfg`` (timm's ``pretrained_cfg_overlay``):
+    methods that reconstruct the input (InfoPro) de-normalise with the statistics the data pipeline
+    actually used, and the export carries them.
+    """
+    from ..model import create_backbone
+
+    return create_backbone(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans,
+                           pretrained_cfg_overlay=data.pretrained_cfg(), **dict(cfg.model_kwargs or {}))
+
+
+def build_local_model(cfg: TrainConfig, data: DataConfig) -> Any:
+    """The LocalModel of a run: the run's backbone with ``cfg.method``'s heads."""
+    from ..model import create_local_model
+
+    return create_local_model(build_backbone(cfg, data), method=cfg.method, method_kwargs=method_kwargs(cfg),
+                              input_size=(data.in_chans, data.image_size, data.image_size))
+
+
+def run_datasets(cfg: TrainConfig) -> tuple[Any, Any, DataConfig]:
+    """The train and test sets of a run, exactly as its config describes them (both engines, diagnostics)."""
+    train_set, test_set, data = create_datasets(
+        cfg.dataset, cfg.data_dir, image_size=cfg.image_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
+        augment=cfg.augment, seed=cfg.seed, mean=cfg.mean, std=cfg.std, image_column=cfg.image_column,
+        label_column=cfg.label_column)
+    if len(train_set) < cfg.batch_size:
+        raise ValueError(f"the training set has {len(train_set)} images, fewer than one batch ({cfg.batch_size}); "
+                         f"lower --batch-size")
+    return train_set, test_set, data
+
+
+def eval_batch_size(cfg: TrainConfig, world: int) -> int:
+    """The global evaluation batch, rounded down to a multiple of the processes (at least one each)."""
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+    return max(world, eval_bs - eval_bs % world)
+
+
+def make_loader(dataset: Any, batch_size: int, cfg: TrainConfig, shuffle: bool = False, drop_last: bool = False,
+                sampler: Optional[Any] = None) -> Any:
+    """A DataLoader with its own generator: loader seeding never consumes the global RNG (resume stays exact)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=drop_last,
+        num_workers=cfg.workers, pin_memory=torch.cuda.is_available(), persistent_workers=False,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+
+def prepare_optimization(cfg: TrainConfig, lm: Any, accelerator: Any, steps_per_epoch: int
+                         ) -> tuple[Any, Any, TrainState]:
+    """timm optimizer + per-step schedule (linear warm-up, then cosine), prepared and registered for
+    checkpointing together with the model and the run state.
+
+    One optimizer over primary and auxiliary parameters: the parameter sets of different local losses
+    are disjoint, so one SGD over all of them performs exactly the per-block updates (AUGLOCAL.md §2.7)
+    while keeping one LR schedule, one grad scaler and one checkpoint.
+    """
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    optimizer = create_optimizer_v2(lm, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    momentum=cfg.momentum, filter_bias_and_bn=cfg.filter_bias_and_bn)
+    warmup = float(min(cfg.warmup_epochs, cfg.epochs / 2)) if cfg.warmup_epochs else 0.0
+    if warmup != cfg.warmup_epochs:
+        logger.warning("warmup_epochs=%s >= half of epochs=%s: using %s", cfg.warmup_epochs, cfg.epochs, warmup)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs - warmup, warmup_epochs=warmup, warmup_prefix=True,
+        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    optimizer = accelerator.prepare(optimizer)
+    state = TrainState()
+    register_for_checkpointing(accelerator, lm, scheduler, state)
+    return optimizer, scheduler, state
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """BatchNorm on running statistics (``--freeze-bn``): updates then do not depend on the batch split."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()

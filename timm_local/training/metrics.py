@@ -1,0 +1,98 @@
+"""A run's metrics: ``metrics.jsonl`` (one JSON object per line, for people and plots) and the trackers.
+
+Rows have a ``kind``: ``train`` (every ``--log-every`` steps), ``eval``, ``error`` and a final
+``summary``. Training rows are aggregated over a logging window from per-stage sums
+(:func:`timm_local.engine.stage_sums`) with one all-reduce, so every engine logs the same numbers.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+__all__ = ["METRICS_NAME", "MetricsLog", "WINDOW_KEYS", "read_metrics", "scalar_config", "tracker_names",
+           "train_row"]
+
+METRICS_NAME = "metrics.jsonl"
+#: The per-stage sums a training window accumulates, in the order they are all-reduced.
+WINDOW_KEYS = ("loss_sum", "samples", "correct", "scored")
+
+
+def read_metrics(run_dir: Union[str, Path]) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl`` (``kind`` = train | eval | error | summary)."""
+    path = Path(run_dir) / METRICS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {METRICS_NAME} in {run_dir}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def tracker_names(spec: Optional[str]) -> list[str]:
+    """``--trackers``: ``auto`` = TensorBoard when installed, ``none``, or a comma-separated list."""
+    if spec in ("none", "", None):
+        return []
+    if spec == "auto":
+        from accelerate.utils import is_tensorboard_available
+
+        return ["tensorboard"] if is_tensorboard_available() else []
+    return [s.strip() for s in spec.split(",") if s.strip()]
+
+
+def scalar_config(d: dict[str, Any]) -> dict[str, Any]:
+    """Trackers (TensorBoard hparams) accept scalars and strings only."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in d.items()}
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl`` (main process) mirrored to the Accelerate trackers.
+
+    On resume the file is cut back to the checkpoint's step: rows written after it belong to work
+    that is being redone.
+    """
+
+    def __init__(self, accelerator: Any, path: Path, resume_step: Optional[int]) -> None:
+        self.accelerator = accelerator
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        if accelerator.is_main_process and path.exists():
+            rows = read_metrics(path.parent)
+            if resume_step is not None:
+                rows = [r for r in rows if r.get("step", 0) <= resume_step and r.get("kind") != "summary"]
+            else:
+                rows = []
+            self.rows = rows
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def log(self, row: dict[str, Any]) -> None:
+        row = {k: v for k, v in row.items() if v is not None}
+        if self.accelerator.is_main_process:
+            self.rows.append(row)
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        scalars: dict[str, float] = {}
+        kind = row.get("kind", "train")
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
+                scalars[f"{kind}/{k}"] = float(v)
+            elif isinstance(v, list):
+                for i, vi in enumerate(v):
+                    if isinstance(vi, (int, float)):
+                        scalars[f"{kind}/{k}_{i}"] = float(vi)
+        if scalars:
+            self.accelerator.log(scalars, step=int(row.get("step", 0)))
+
+
+def train_row(window: torch.Tensor, epoch: int, step: int, lr: float, elapsed: float) -> dict[str, Any]:
+    """A ``train`` row from a window's per-stage sums, summed over processes (rows of :data:`WINDOW_KEYS`).
+
+    ``loss`` is the network output's loss (the last stage), ``local_losses`` every stage's,
+    ``head_train_top1`` the running training accuracy of every auxiliary head that returns logits.
+    """
+    loss_sum, samples, correct, scored = window.view(len(WINDOW_KEYS), -1)
+    losses = (loss_sum / samples.clamp(min=1)).tolist()
+    acc = [100.0 * float(c) / float(s) for c, s in zip(correct, scored) if s > 0]
+    return {"kind": "train", "epoch": epoch, "step": step, "lr": lr, "loss": losses[-1],
+            "local_losses": [round(v, 5) for v in losses], "train_top1": acc[-1],
+            "head_train_top1": [round(a, 3) for a in acc[:-1]],
+            "samples_per_s": float(samples[-1]) / max(elapsed, 1e-9)}

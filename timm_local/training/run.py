@@ -1,0 +1,116 @@
+"""Run folders: what a training run leaves on disk, read back and exported.
+
+```
+OUTPUT_DIR/
+  config.yaml        the resolved configuration (+ data, method_config, runtime)
+  metrics.jsonl      one JSON row per train window / evaluation (timm_local.training.metrics)
+  checkpoints/       step_XXXXXXXX/ (timm_local.training.checkpoint)
+  export/            the backbone alone, as a timm checkpoint (timm_local.export)
+```
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+import yaml
+
+from ..config import TrainConfig
+from ..data import DataConfig
+from ..export import export_backbone
+from .builders import build_backbone, build_local_model
+from .checkpoint import CHECKPOINT_DIR, latest_checkpoint, load_model_state, read_checkpoint_meta
+from .metrics import read_metrics
+from .state import TrainState
+
+__all__ = ["CONFIG_NAME", "EXPORT_DIR", "SavedRun", "export_run", "export_trained", "load_local_model",
+           "read_metrics", "read_run"]
+
+CONFIG_NAME = "config.yaml"
+EXPORT_DIR = "export"
+
+
+def _export_metadata(cfg: TrainConfig, data: DataConfig, state: TrainState, method_name: str,
+                     method_config: dict[str, Any]) -> dict[str, Any]:
+    from .. import __version__
+
+    return {
+        "method": method_name, "method_config": method_config, **method_config,
+        "dataset": data.dataset, "model": cfg.model, "image_size": data.image_size,
+        "top1": state.last_top1, "best_top1": state.best_top1, "best_epoch": state.best_epoch,
+        "epochs": state.epoch, "global_step": state.global_step, "batch_size": cfg.batch_size, "lr": cfg.lr,
+        "seed": cfg.seed, "timm_local_version": __version__,
+    }
+
+
+def export_trained(backbone: nn.Module, method_name: str, method_config: dict[str, Any], export_dir: Path,
+                   cfg: TrainConfig, data: DataConfig, state: TrainState) -> Path:
+    """Export a trained backbone with the run's preprocessing, class names and training metadata."""
+    return export_backbone(
+        backbone, export_dir, data_config=data.pretrained_cfg(),
+        metadata=_export_metadata(cfg, data, state, method_name, method_config), label_names=data.classes)
+
+
+@dataclass
+class SavedRun:
+    """What a run folder holds for one checkpoint: its resolved config, data description and model state."""
+
+    run_dir: Path
+    checkpoint: Path
+    cfg: TrainConfig
+    data: DataConfig
+    meta: dict[str, Any]
+    model_state: dict[str, torch.Tensor]  # the whole LocalModel: "backbone.*" and the auxiliary heads
+
+
+def read_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None) -> SavedRun:
+    """Read a run's ``config.yaml`` and one checkpoint (the latest complete one by default)."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run (no {CONFIG_NAME})")
+    resolved = yaml.safe_load(config_path.read_text())
+    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint under {CHECKPOINT_DIR}/")
+    meta = read_checkpoint_meta(ckpt)
+    field_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in resolved.items() if k in field_names})
+    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
+    data = DataConfig(**{k: v for k, v in resolved["data"].items() if k in data_fields})
+    data.mean, data.std = tuple(data.mean), tuple(data.std)
+    return SavedRun(run_dir, ckpt, cfg, data, meta, load_model_state(ckpt))
+
+
+def load_local_model(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None) -> tuple[Any, SavedRun]:
+    """A run's whole LocalModel -- backbone *and* auxiliary heads -- as trained, for diagnostics on the heads.
+
+    An export keeps only the backbone (that is what inference needs); this is for questions about the
+    local objectives themselves, e.g. how well each block's head classifies (benchmarks/head_accuracy.py).
+    """
+    run = read_run(run_dir, checkpoint)
+    lm = build_local_model(run.cfg, run.data)
+    lm.load_state_dict(run.model_state)
+    return lm, run
+
+
+def export_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None,
+               export_dir: Optional[Union[str, Path]] = None) -> Path:
+    """Export the backbone of a run's checkpoint (latest by default) to ``RUN_DIR/export``.
+
+    Rebuilds only the timm backbone from the run's ``config.yaml`` and loads the ``backbone.*`` part of
+    the checkpointed LocalModel state -- the auxiliary heads are not part of an export.
+    """
+    run = read_run(run_dir, checkpoint)
+    cfg, data = run.cfg, run.data
+    backbone_state = {k[len("backbone."):]: v for k, v in run.model_state.items() if k.startswith("backbone.")}
+    backbone = build_backbone(cfg, data)
+    backbone.load_state_dict(backbone_state)
+    state = TrainState()
+    state.load_state_dict(run.meta.get("train_state", {}))
+    return export_trained(backbone, run.meta["method"], run.meta.get("method_config", {}),
+                          Path(export_dir) if export_dir else run.run_dir / EXPORT_DIR, cfg, data, state)

@@ -1,0 +1,218 @@
+"""Runners: how an engine takes part in the one training loop (:func:`timm_local.training.loop.fit`).
+
+The loop owns everything a run does once (set-up, resume, epochs, evaluation, checkpoints, NaN handling,
+export, metrics); a runner owns what differs between engines: where the training batches come from,
+one local step, gradient synchronisation, and making the model whole again before evaluation,
+checkpoints and export. Both runners leave the model and optimizer in the same state after a step, so
+checkpoints resume under either engine.
+
+Why no DDP wrapper: DDP all-reduces inside ``backward`` and expects one backward per step; a local step
+calls ``backward`` once per local loss, freeing each block's graph as it goes (that is the memory
+saving). So the model is never passed to ``accelerator.prepare``; gradients are averaged with DDP's
+arithmetic by :mod:`timm_local.distributed` instead, and parameters start from process 0's, as DDP does.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Iterable, Optional, Protocol
+
+import torch
+
+from ..config import TrainConfig
+from ..data import DataConfig
+from ..distributed import average_gradients
+from .builders import make_loader
+
+__all__ = ["PipelineRunner", "RUNNERS", "Runner", "SequentialRunner", "make_runner", "pipeline_layout"]
+
+
+class Runner(Protocol):
+    """What :func:`~timm_local.training.loop.fit` needs from an engine."""
+
+    label: str  # shown after the model/method on the progress bar
+    steps_per_epoch: int
+    per_process_batch: int
+
+    def check_launch(self, world_size: int) -> None:
+        """Refuse a launch this engine cannot run (before anything is written)."""
+
+    def attach(self, accelerator: Any, lm: Any, train_set: Any, data: DataConfig) -> None:
+        """Take the built model and training set (collectives: every process calls it)."""
+
+    def runtime(self) -> dict[str, Any]:
+        """Facts about the run's layout for ``config.yaml``'s ``runtime`` section."""
+
+    def batches(self, epoch: int, skip: int) -> Iterable[tuple[Any, Any]]:
+        """``(x, y)`` for each remaining step of ``epoch`` after ``skip`` steps (mid-epoch resume)."""
+
+    def step(self, x: Any, y: Any) -> dict[str, torch.Tensor]:
+        """One local step (forward and per-stage backward); per-stage sums (:func:`~timm_local.engine.stage_sums`).
+
+        Raises ``FloatingPointError`` before any optimizer step when a local loss is not finite.
+        """
+
+    def agree_on_error(self, error: Optional[str]) -> Optional[str]:
+        """The error that stops every process, if this or (where it can know) another process had one."""
+
+    def sync_gradients(self, clip_grad: Optional[float]) -> None:
+        """Make gradients final for ``optimizer.step()``: averaged over replicas, optionally clipped."""
+
+    def consolidate(self, optimizer: Any) -> None:
+        """Collective: every process's model and optimizer hold the complete trained state."""
+
+    def close(self) -> None:
+        """Release the engine (flush pending communication)."""
+
+
+class SequentialRunner:
+    """Every process runs the whole local step on its share of the global batch (data parallel)."""
+
+    label = ""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    def check_launch(self, world_size: int) -> None:
+        if self.cfg.batch_size % world_size:
+            raise ValueError(f"batch_size={self.cfg.batch_size} (global) must be divisible by the {world_size} "
+                             f"processes")
+        self.world = world_size
+        self.per_process_batch = self.cfg.batch_size // world_size
+
+    def attach(self, accelerator: Any, lm: Any, train_set: Any, data: DataConfig) -> None:
+        from accelerate.utils import broadcast
+
+        self.accelerator, self.lm, self.train_set = accelerator, lm, train_set
+        loader = make_loader(train_set, self.cfg.batch_size, self.cfg, shuffle=True, drop_last=True)
+        self.loader = accelerator.prepare(loader)  # shards the global batch (split_batches)
+        self.steps_per_epoch = len(self.loader)
+        broadcast(list(lm.state_dict().values()), from_process=0)  # DDP's start-up broadcast
+        self.params = [p for p in lm.parameters() if p.requires_grad]
+
+    def runtime(self) -> dict[str, Any]:
+        return {}
+
+    def batches(self, epoch: int, skip: int) -> Iterable[tuple[Any, Any]]:
+        self.train_set.set_epoch(epoch)
+        self.loader.set_epoch(epoch)
+        if not skip:
+            return self.loader
+        loader = self.accelerator.skip_first_batches(self.loader, skip)
+        loader.set_epoch(epoch)
+        return loader
+
+    def step(self, x: Any, y: Any) -> dict[str, torch.Tensor]:
+        return self.lm.local_step(x, y, backward=self.accelerator.backward).sums(y)
+
+    def agree_on_error(self, error: Optional[str]) -> Optional[str]:
+        if self.world == 1:
+            return error
+        status = torch.tensor([0.0 if error is None else 1.0], device=self.accelerator.device)
+        if self.accelerator.reduce(status, reduction="sum").item() > 0:
+            return error or "on another process"
+        return None
+
+    def sync_gradients(self, clip_grad: Optional[float]) -> None:
+        average_gradients(self.params, self.world)
+        if clip_grad:
+            self.accelerator.clip_grad_norm_(self.params, clip_grad)
+
+    def consolidate(self, optimizer: Any) -> None:
+        pass  # every process holds the whole model already
+
+    def close(self) -> None:
+        pass
+
+
+def pipeline_layout(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """(W, R) for ``world`` processes, or a ValueError saying how to launch."""
+    w = cfg.pipeline_segments or world
+    if w < 1:
+        raise ValueError(f"--pipeline-segments must be >= 1, got {w}")
+    if world == 1:
+        raise ValueError(
+            f"--engine pipeline runs W={w} pipeline segments in W*R processes, but this is a single process: launch "
+            f"`torchrun --nproc_per_node {max(w, 2)} tools/train.py --engine pipeline --pipeline-segments {max(w, 2)} "
+            f"...` (or `accelerate launch --multi_gpu --num_processes ...`), or use --engine sequential in one process "
+            f"(the same results)")
+    if world % w:
+        raise ValueError(f"--pipeline-segments {w} does not divide the {world} processes (world = W*R replicas)")
+    r = world // w
+    if cfg.batch_size % r:
+        raise ValueError(f"batch_size={cfg.batch_size} (global) must be divisible by the R={r} pipeline replicas")
+    return w, r
+
+
+class PipelineRunner:
+    """The local stages cut into W segments over W×R processes (:class:`~timm_local.engine.PipelineTrainer`).
+
+    The training data is sharded by pipeline replica (R shards) and read only by first-segment processes;
+    the engine averages gradients within replica groups; ``consolidate`` makes every process's model and
+    optimizer equal the sequential engine's before evaluation, checkpoints and export.
+    """
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    def check_launch(self, world_size: int) -> None:
+        self.segments, self.replicas = pipeline_layout(self.cfg, world_size)
+        self.per_process_batch = self.cfg.batch_size // self.replicas
+        self.label = f" pipeline W={self.segments} R={self.replicas}"
+
+    def attach(self, accelerator: Any, lm: Any, train_set: Any, data: DataConfig) -> None:
+        from torch.utils.data import DistributedSampler
+
+        from ..engine import PipelineTrainer
+
+        self.accelerator, self.lm, self.train_set = accelerator, lm, train_set
+        self.steps_per_epoch = len(train_set) // self.cfg.batch_size
+        self.trainer = PipelineTrainer(
+            lm, self.segments, cut=self.cfg.pipeline_cut, cost_measure=self.cfg.pipeline_cost or "time",
+            input_size=(data.in_chans, data.image_size, data.image_size), cost_batch_size=self.per_process_batch,
+            device=accelerator.device)  # broadcasts process 0's weights
+        self.loader = None
+        if self.trainer.is_first:
+            sampler = DistributedSampler(train_set, num_replicas=self.replicas, rank=self.trainer.replica,
+                                         shuffle=True, seed=self.cfg.seed, drop_last=True)
+            self.loader = make_loader(train_set, self.per_process_batch, self.cfg, drop_last=True, sampler=sampler)
+        self.owned = self.trainer.owned_parameters()
+
+    def runtime(self) -> dict[str, Any]:
+        return {"pipeline": {"segments": self.segments, "replicas": self.replicas, "cut": list(self.trainer.cut)}}
+
+    def batches(self, epoch: int, skip: int) -> Iterable[tuple[Any, Any]]:
+        loader = None
+        if self.loader is not None:
+            self.train_set.set_epoch(epoch)
+            self.loader.sampler.set_epoch(epoch)
+            # mid-epoch resume: the order is a function of (seed, epoch), so skipping re-reads the same batches
+            loader = itertools.islice(self.loader, skip, None)
+        return self.trainer.iterate(loader, steps=self.steps_per_epoch - skip)
+
+    def step(self, x: Any, y: Any) -> dict[str, torch.Tensor]:
+        out = self.trainer.step(x, y, backward=self.accelerator.backward)
+        return out.dense(len(self.lm.stages))
+
+    def agree_on_error(self, error: Optional[str]) -> Optional[str]:
+        return error  # the process that saw it stops; the launcher stops the others
+
+    def sync_gradients(self, clip_grad: Optional[float]) -> None:
+        if clip_grad:  # averaged within replica groups by the engine; clipped per segment (docs/pipeline.md)
+            self.accelerator.clip_grad_norm_(self.owned, clip_grad)
+
+    def consolidate(self, optimizer: Any) -> None:
+        self.trainer.consolidate(optimizer)
+
+    def close(self) -> None:
+        self.trainer.close()
+
+
+#: Runner class by ``--engine``.
+RUNNERS: dict[str, type] = {"sequential": SequentialRunner, "pipeline": PipelineRunner}
+
+
+def make_runner(cfg: TrainConfig) -> Runner:
+    """The runner of ``cfg.engine``, or an error naming the engines."""
+    if cfg.engine not in RUNNERS:
+        raise ValueError(f"--engine must be one of {', '.join(RUNNERS)}, got {cfg.engine!r}")
+    return RUNNERS[cfg.engine](cfg)
