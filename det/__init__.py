@@ -14,6 +14,8 @@ detectron2 is an optional dependency (``det/install_detectron2.sh``); nothing in
 ``timm_local`` imports this package.
 """
 
+import timm_local.models  # noqa: F401  (registers the *_cifar architectures, so MODEL.TIMM.NAME can name them)
+
 from .backbone import (
     NORMS,
     TimmBackbone,

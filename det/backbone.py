@@ -215,17 +215,27 @@ def build_timm_backbone(cfg, input_shape: ShapeSpec) -> TimmBackbone:
 
 @BACKBONE_REGISTRY.register()
 def build_timm_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
-    """``MODEL.BACKBONE.NAME: build_timm_fpn_backbone``: timm CNN + FPN with P2-P6.
+    """``MODEL.BACKBONE.NAME: build_timm_fpn_backbone``: timm CNN + FPN (P2-P6 for a ResNet's res2-res5).
 
     The same construction as detectron2's ``build_resnet_fpn_backbone`` with the bottom-up
     network swapped for :class:`TimmBackbone`.
     """
     bottom_up = build_timm_backbone(cfg, input_shape)
+    in_features = list(cfg.MODEL.FPN.IN_FEATURES)
+    available = bottom_up.output_shape()
+    if not in_features or any(f not in available for f in in_features):
+        raise ValueError(
+            f"MODEL.FPN.IN_FEATURES={in_features} but the backbone's outputs (MODEL.TIMM.OUT_INDICES="
+            f"{list(cfg.MODEL.TIMM.OUT_INDICES)}) are {list(available)}; pick IN_FEATURES from those."
+        )
+    top_block = LastLevelMaxPool()
+    # detectron2's default pools "p5"; pool the deepest level there is (CIFAR ResNets end at p2)
+    top_block.in_feature = f"p{int(math.log2(available[in_features[-1]].stride))}"
     return FPN(
         bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        in_features=in_features,
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
         norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
+        top_block=top_block,
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )

@@ -5,36 +5,44 @@ A 3x3 stem with 16 channels and three stages (16/32/64 channels, strides 1/2/2) 
 the InfoPro/AugLocal reference code). Reusing timm's block means the ResNet family adapter
 builds auxiliary copies of these blocks exactly as it does for ImageNet ResNets.
 """
-from __future__ import annotations
-
-from typing import Any
+from typing import Any, List, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import SelectAdaptivePool2d
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, downsample_conv
 
 from ._cfg import cifar_cfg
+from .contract import CifarTimmModel, build_cifar_model
+
+STAGE_NAMES = ("layer1", "layer2", "layer3")
 
 
-class CifarResNet(nn.Module):
-    """ResNet for 32x32 inputs with the timm model interface (forward_features/forward_head)."""
+class CifarResNet(CifarTimmModel):
+    """ResNet for 32x32 inputs with the whole timm model interface.
+
+    ``feature_info`` follows timm's ResNet: index 0 is the stem (``act1``), index i the output
+    of ``layer{i}``, so out_indices mean the same stages as for ``resnet18``. The stem runs at
+    stride 1 like ``layer1``; ``features_only`` therefore defaults to the three stages
+    (out_indices 1, 2, 3: one map per stride), as timm does for its models whose stem shares
+    a stride with the first stage (e.g. ``csatv2``).
+    """
 
     def __init__(
         self,
         depth: int = 110,
         num_classes: int = 10,
         in_chans: int = 3,
-        channels: tuple[int, int, int] = (16, 32, 64),
+        channels: Tuple[int, int, int] = (16, 32, 64),
         global_pool: str = "avg",
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 56, 110, ...), got {depth}")
+        if len(channels) != len(STAGE_NAMES):
+            raise ValueError(f"channels must give one width per stage ({len(STAGE_NAMES)}), got {channels}")
         blocks_per_stage = (depth - 2) // 6
-        self.num_classes = num_classes
         self.in_chans = in_chans  # read by timm's export (save_for_hf) and data config
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
@@ -46,7 +54,7 @@ class CifarResNet(nn.Module):
 
         in_chs = channels[0]
         reduction = 1
-        for stage_idx, out_chs in enumerate(channels):
+        for stage_idx, (stage_name, out_chs) in enumerate(zip(STAGE_NAMES, channels)):
             stride = 1 if stage_idx == 0 else 2
             reduction *= stride
             blocks = []
@@ -57,14 +65,10 @@ class CifarResNet(nn.Module):
                     downsample = downsample_conv(in_chs, out_chs, kernel_size=1, stride=s)
                 blocks.append(BasicBlock(in_chs, out_chs, stride=s, downsample=downsample))
                 in_chs = out_chs
-            self.add_module(f"layer{stage_idx + 1}", nn.Sequential(*blocks))
-            self.feature_info.append(
-                dict(num_chs=out_chs, reduction=reduction, module=f"layer{stage_idx + 1}")
-            )
+            self.add_module(stage_name, nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=stage_name))
 
-        self.num_features = self.head_hidden_size = in_chs
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_head(in_chs, num_classes, global_pool)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -77,41 +81,37 @@ class CifarResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
-        self.num_classes = num_classes
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """Parameter groups for layer-wise LR decay / freezing: the stem, then stages or blocks."""
+        return dict(stem=r"^(?:conv1|bn1)\.", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+    def feature_segments(self) -> List[List[nn.Module]]:
+        stem = nn.Sequential(self.conv1, self.bn1, self.act1)
+        return [[stem]] + [list(getattr(self, name)) for name in STAGE_NAMES]
+
+    @torch.jit.ignore
+    def drop_after_feature(self, index: int) -> None:
+        for name in STAGE_NAMES[index:]:
+            setattr(self, name, nn.Sequential())  # empty, not Identity: checkpoint_seq iterates it
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq([self.layer1, self.layer2, self.layer3], x, flatten=True)
         x = self.layer1(x)
         x = self.layer2(x)
         return self.layer3(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = nn.functional.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 def _create_cifar_resnet(variant: str, depth: int, pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    return build_model_with_cfg(
+    return build_cifar_model(
         CifarResNet,
         variant,
         pretrained,
+        feature_names=("stem act1 (stride 1)", "layer1 (stride 1)", "layer2 (stride 2)", "layer3 (stride 4)"),
+        default_out_indices=(1, 2, 3),  # the three stages; the stem shares layer1's stride
         depth=depth,
-        feature_cfg=dict(flatten_sequential=True),
         **kwargs,
     )
 
