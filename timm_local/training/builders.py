@@ -20,8 +20,8 @@ from .checkpoint import register_for_checkpointing
 from .metrics import tracker_names
 from .state import TrainState
 
-__all__ = ["build_backbone", "build_local_model", "eval_batch_size", "freeze_batchnorm", "has_accelerator", "make_accelerator",
-           "make_loader", "method_kwargs", "prepare_optimization", "run_datasets"]
+__all__ = ["apply_speed_options", "build_backbone", "build_local_model", "eval_batch_size", "freeze_batchnorm",
+           "has_accelerator", "make_accelerator", "make_loader", "method_kwargs", "prepare_optimization", "run_datasets"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,21 @@ def build_local_model(cfg: TrainConfig, data: DataConfig) -> Any:
 
     return create_local_model(build_backbone(cfg, data), method=cfg.method, method_kwargs=method_kwargs(cfg),
                               input_size=(data.in_chans, data.image_size, data.image_size))
+
+
+def apply_speed_options(cfg: TrainConfig, lm: Any) -> None:
+    """``--channels-last`` and ``--torchcompile`` on a built model, before the optimizer is created.
+
+    Neither changes what is learnt (:mod:`timm_local.engine.speed`): parameter names and values stay,
+    every local loss keeps its own backward.
+    """
+    from ..engine.speed import compile_blocks_and_heads, use_channels_last
+
+    if cfg.channels_last:
+        use_channels_last(lm)
+    if cfg.torchcompile:
+        count = compile_blocks_and_heads(lm, backend=cfg.torchcompile)
+        logger.info("compiling %d blocks and heads with %s (the first steps compile)", count, cfg.torchcompile)
 
 
 def run_datasets(cfg: TrainConfig) -> tuple[Any, Any, DataConfig]:
