@@ -9,6 +9,12 @@
 
 Every config key is a flag (see --help); flags override the --config recipe. The loop lives in
 timm_local.training.train; this file only parses arguments and reports errors.
+
+Memory (docs/memory.md): on CUDA, PYTORCH_CUDA_ALLOC_CONF defaults to expandable_segments:True unless
+you set it (or PYTORCH_ALLOC_CONF); on the CPU, launch through PyTorch's CPU launcher with tcmalloc, as
+`make run` does, or glibc's malloc keeps most of local learning's activation saving:
+
+    python -m torch.backends.xeon.run_cpu --enable-tcmalloc tools/train.py --config ...
 """
 from __future__ import annotations
 
@@ -18,13 +24,24 @@ from typing import Optional, Sequence
 
 from timm_local.config import parse_config
 from timm_local.data import DatasetNotFoundError
+from timm_local.memory import allocator_name, default_cuda_alloc_conf
 from timm_local.training import CheckpointMismatchError, NonFiniteLossError, train
+from timm_local.training.builders import has_accelerator
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    alloc_conf = default_cuda_alloc_conf()  # before the first CUDA allocation
     cfg = parse_config(argv, description=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown the progress
+    log = logging.getLogger("timm_local.train")
+    if cfg.cpu or not has_accelerator():
+        allocator = allocator_name()
+        log.info("host memory allocator: %s%s", allocator, "" if allocator != "glibc" else
+                 " (its caching hides most of the activation memory local learning frees; launch with "
+                 "`python -m torch.backends.xeon.run_cpu --enable-tcmalloc tools/train.py ...`, docs/memory.md)")
+    else:
+        log.info("PYTORCH_CUDA_ALLOC_CONF=%s", alloc_conf)
     try:
         result = train(cfg)
     except (DatasetNotFoundError, CheckpointMismatchError, FileExistsError) as e:

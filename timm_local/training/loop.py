@@ -23,6 +23,7 @@ import yaml
 
 from ..config import TrainConfig
 from ..export import to_jsonable
+from ..memory import peak_memory_across_processes, reset_peak_memory
 from .builders import (build_local_model, eval_batch_size, freeze_batchnorm, make_accelerator, make_loader,
                        prepare_optimization, run_datasets)
 from .checkpoint import latest_checkpoint, resolve_resume, resume_state, run_meta, save_checkpoint
@@ -132,6 +133,7 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
         if cfg.freeze_bn:
             freeze_batchnorm(lm)
         t_epoch = time.perf_counter()
+        reset_peak_memory(accelerator.device)  # train rows carry this epoch's peak memory so far
         for x, y in runner.batches(epoch, state.step_in_epoch):
             optimizer.zero_grad(set_to_none=True)
             error: Optional[str] = None
@@ -161,6 +163,7 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
                 # the one collective per logging window
                 totals = accelerator.reduce(torch.cat([window[k] for k in WINDOW_KEYS]), reduction="sum")
                 row = train_row(totals, epoch, state.global_step, lr_used, time.perf_counter() - window_t0)
+                row.update(peak_memory_across_processes(accelerator))
                 metrics.log(row)
                 progress.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}")
                 window, window_t0 = None, time.perf_counter()
