@@ -17,10 +17,14 @@ from typing import Any, Optional
 import torch
 
 from .cost import peak_step_memory
+from .engine.speed import compile_blocks_and_heads, use_channels_last
 from .memory import allocator_name, peak_rss_bytes, reset_peak_rss, rss_bytes
-from .model import LocalModel
+from .model import LocalModel, create_local_model
 
-__all__ = ["StepCase", "measure_step_case", "process_step_memory"]
+__all__ = ["AUTOCAST_DTYPES", "StepCase", "measure_step_case", "process_step_memory"]
+
+#: ``StepCase.autocast`` -> the dtype of ``torch.autocast`` (None: full precision).
+AUTOCAST_DTYPES: dict[Optional[str], Optional[torch.dtype]] = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -43,13 +47,15 @@ class StepCase:
     device: str = "cpu"
     channels_last: bool = False
     torchcompile: Optional[str] = None
+    autocast: Optional[str] = None  # a key of AUTOCAST_DTYPES: mixed precision of the local step
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast={self.autocast!r}: use one of {[k for k in AUTOCAST_DTYPES if k]} or None")
 
     def build(self) -> LocalModel:
         """The case's LocalModel on its device, with its speed options applied."""
-        from .engine.speed import compile_blocks_and_heads, use_channels_last
-        from .model import create_local_model
-
         torch.manual_seed(self.seed)
         timm_kwargs: dict[str, Any] = {"num_classes": self.num_classes}
         if self.input_size is not None:
@@ -92,21 +98,25 @@ def measure_step_case(case: StepCase, live: bool = True) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         allocated_before = torch.cuda.memory_allocated(device)
-    wall, cpu = [], []
+    dtype = AUTOCAST_DTYPES[case.autocast]
+    wall, cpu, warmup = [], [], []
     for i in range(case.warmup + case.steps):
         start, cpu_start = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
-        model.local_step(x, y)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            model.local_step(x, y)
         optimizer.step()
         _sync(device)
         if i >= case.warmup:
             wall.append(time.perf_counter() - start)
             cpu.append(time.process_time() - cpu_start)
+        else:  # lazy initialisation; with torchcompile, the compilation
+            warmup.append(round(time.perf_counter() - start, 3))
     peak = peak_rss_bytes()
     report: dict[str, Any] = {
         "rss_before_step_bytes": before, "peak_rss_bytes": peak, "process_peak_memory_bytes": max(0, peak - before),
         "step_wall_s": [round(t, 5) for t in wall], "step_cpu_s": [round(t, 5) for t in cpu],
-        "step_time_s": round(statistics.median(wall), 5), "allocator": allocator_name(),
+        "step_time_s": round(statistics.median(wall), 5), "warmup_wall_s": warmup, "allocator": allocator_name(),
         "threads": torch.get_num_threads(),
         "process_memory_method": "peak RSS (VmHWM) of a fresh process minus its RSS before the first step",
     }

@@ -10,7 +10,8 @@ resident memory before the first step (``process_peak_memory_bytes``; on CUDA al
 ``process_peak_reserved_bytes`` beside ``process_peak_allocated_bytes``). The fresh process inherits
 this one's environment, so run this command under the launcher you train with (docs/memory.md):
 
-    tools/launch_cpu.sh tools/cost.py --model resnet110_cifar --method auglocal --aux-depth 2 --memory
+    python -m torch.backends.xeon.run_cpu --enable-tcmalloc tools/cost.py --model resnet110_cifar \
+        --method auglocal --aux-depth 2 --batch-size 256 --memory --channels-last
 
 Progress goes to stderr; stdout is the report (``--json``: one JSON object, sizes in bytes).
 """
