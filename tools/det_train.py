@@ -23,23 +23,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-# Run as ``python tools/det_train.py``: put the checkout's root first on the path so ``det`` is
-# this repository's package (sys.path[0] is tools/, and detectron2 installs its own top-level
-# ``tools`` package, so nothing here may be imported as ``tools.*``).
-_REPO = Path(__file__).resolve().parents[1]
-if (_REPO / "det" / "__init__.py").is_file() and str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
 
-import torch  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import CfgNode, get_cfg  # noqa: E402
-from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
-from detectron2.utils import comm  # noqa: E402
-
-import det  # noqa: E402  (registers the timm backbones)
+# ``det`` is installed with the project (pyproject). detectron2 installs its own top-level ``tools``
+# package, so nothing here may be imported as ``tools.*``.
+import det  # registers the timm backbones
 
 logger = logging.getLogger("det_train")
 

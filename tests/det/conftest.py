@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,6 @@ import pytest
 import timm
 import torch
 from PIL import Image, ImageDraw
-
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # ``det`` is this checkout's package, whatever is installed
-    sys.path.insert(0, str(REPO))
 
 CATEGORIES = [{"id": 1, "name": "square"}, {"id": 2, "name": "triangle"}]
 COLORS = {1: (220, 40, 40), 2: (40, 200, 60)}
