@@ -48,7 +48,8 @@ def _bn_to_gn(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm2d (timm's BatchNormAct2d included) by GroupNorm, recursively.
 
     The affine weights are carried over so a pretrained backbone keeps its per-channel scale;
-    the running statistics have no GroupNorm counterpart and are dropped.
+    the running statistics have no GroupNorm counterpart and are dropped. Hand-written because
+    neither timm nor detectron2 converts to GroupNorm (they convert to FrozenBN / SyncBN only).
     """
     if isinstance(module, nn.BatchNorm2d):
         channels = module.num_features

@@ -143,7 +143,8 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
             error = runner.agree_on_error(error)
             if error is not None:
                 msg = _non_finite_message(epoch, state.global_step, error, latest_checkpoint(output_dir))
-                metrics.log({"kind": "error", "epoch": epoch, "step": state.global_step, "error": msg})
+                metrics.log({"kind": "error", "epoch": epoch, "step": state.global_step, "error": msg},
+                            write=None if runner.errors_agreed else True)
                 progress.close()
                 accelerator.end_training()
                 raise NonFiniteLossError(msg)

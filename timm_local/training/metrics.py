@@ -64,9 +64,11 @@ class MetricsLog:
             self.rows = rows
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    def log(self, row: dict[str, Any]) -> None:
+    def log(self, row: dict[str, Any], write: Optional[bool] = None) -> None:
+        """Append ``row`` (written by the main process, or where ``write`` says: an error only one process
+        knows of) and send its numbers to the trackers."""
         row = {k: v for k, v in row.items() if v is not None}
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process if write is None else write:
             self.rows.append(row)
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
