@@ -301,5 +301,6 @@ def create_timm_features(
         )
     if in_chans == 3:  # otherwise timm adapts the first conv on purpose, so it differs
         _verify_loaded(features, resolved, reference)
-    logger.info("Loaded timm %s features %s from %s (verified exact).", arch, out_indices, resolved.file)
+    logger.info("Loaded timm %s backbone weights from %s: %d tensors into features %s (verified exact).", arch,
+                resolved.file, len(features.state_dict()), out_indices)
     return features

@@ -147,7 +147,7 @@ def load_exported(export_dir: Union[str, Path], **kwargs: Any) -> nn.Module:
     """``timm.create_model("local-dir:EXPORT_DIR", pretrained=True)``, with our architectures registered."""
     import timm
 
-    import timm_local  # noqa: F401  (registers *_cifar architectures in timm)
+    from . import models  # noqa: F401  (registers the *_cifar architectures in timm)
 
     export_dir = Path(export_dir)
     if not (export_dir / "config.json").is_file():

@@ -22,6 +22,7 @@ import yaml
 from ..config import TrainConfig
 from ..data import DataConfig
 from ..export import export_backbone
+from ..version import __version__
 from .builders import build_backbone, build_local_model
 from .checkpoint import CHECKPOINT_DIR, latest_checkpoint, load_model_state, read_checkpoint_meta
 from .metrics import read_metrics
@@ -36,8 +37,6 @@ EXPORT_DIR = "export"
 
 def _export_metadata(cfg: TrainConfig, data: DataConfig, state: TrainState, method_name: str,
                      method_config: dict[str, Any]) -> dict[str, Any]:
-    from .. import __version__
-
     return {
         "method": method_name, "method_config": method_config, **method_config,
         "dataset": data.dataset, "model": cfg.model, "image_size": data.image_size,
