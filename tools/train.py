@@ -2,9 +2,9 @@
 """Train a timm model with a local learning rule (AugLocal or a baseline) under Accelerate.
 
     python tools/train.py                                   # resnet20_cifar + AugLocal on scikit-learn digits
-    python tools/train.py --config configs/cifar10/resnet110_cifar_auglocal_d3.yaml --data-dir data/
+    python tools/train.py --config configs/cifar10/resnet110_cifar/auglocal_d3.yaml --data-dir data/
     accelerate launch tools/train.py --model resnet34 --method auglocal --dataset imagenet --data-dir /data/imagenet
-    accelerate launch --cpu --num_processes 2 tools/train.py --max-steps 2     # CPU data parallel (gloo)
+    accelerate launch --multi_gpu --num_processes 2 tools/train.py --max-steps 2   # 2 processes; on CPU: gloo
     python tools/train.py --output-dir runs/x --resume auto                    # continue after a stop/kill
 
 Every config key is a flag (see --help); flags override the --config recipe. The loop lives in
