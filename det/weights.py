@@ -31,6 +31,7 @@ __all__ = [
     "checkpoint_shapes",
     "check_checkpoint_matches",
     "create_timm_features",
+    "detection_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -184,6 +185,30 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(n + "." for n in names)
 
 
+def detection_settings(arch: str, model_args: Mapping[str, Any] | None = None) -> str:
+    """The MODEL.TIMM / FPN settings that make ``arch`` a detection backbone, as advice, or why it cannot be one.
+
+    Read from timm's own ``features_only`` default for the architecture, so the advice never names
+    feature indices the model does not have (a CIFAR ResNet has 3 stages at strides 1, 2, 4).
+    """
+    import math
+
+    try:
+        with torch.device("meta"):
+            features = timm.create_model(arch, features_only=True, **dict(model_args or {}))
+    except Exception as e:  # noqa: BLE001 - a model timm cannot turn into a feature extractor
+        return (f"but {arch!r} cannot serve as a detection backbone: timm cannot build its features_only extractor "
+                f"({type(e).__name__}: {e}). Detection needs a CNN whose features_only stages have strides that double.")
+    indices = list(features.feature_info.out_indices)
+    strides = features.feature_info.reduction()
+    names = [f"res{int(math.log2(r))}" for r in strides]
+    if len(set(strides)) < len(strides):
+        return (f"its default features {indices} repeat a stride ({strides}); set MODEL.TIMM.NAME to {arch!r} and "
+                f"MODEL.TIMM.OUT_INDICES to one index per stride.")
+    return (f"set MODEL.TIMM.NAME to {arch!r} (or leave NAME empty to take it from config.json), "
+            f"MODEL.TIMM.OUT_INDICES to {indices} and MODEL.FPN.IN_FEATURES to {names} (strides {strides}).")
+
+
 def check_checkpoint_matches(
     name: str,
     weights: TimmWeights,
@@ -212,8 +237,7 @@ def check_checkpoint_matches(
         return
     recorded = weights.architecture
     hint = (
-        f" Its config.json says it was exported from {recorded!r}; set MODEL.TIMM.NAME to that"
-        f" (or leave NAME empty to take it from config.json)."
+        f" Its config.json says it was exported from {recorded!r}; {detection_settings(recorded, weights.model_args)}"
         if recorded and recorded != name
         else " Was it exported from another architecture?"
     )

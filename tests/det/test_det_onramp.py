@@ -53,3 +53,33 @@ def test_missing_backbone_weights_is_one_line(tiny_coco: tuple[Path, Path], tmp_
     assert proc.returncode == 2
     (line,) = _error_lines(proc)
     assert "runs/imagenet-resnet34-auglocal" in line and "does not exist" in line
+
+
+def test_weights_of_another_architecture_get_settings_that_work(tmp_path: Path) -> None:
+    """The mismatch hint for a CIFAR ResNet export names settings that build (no dead end)."""
+    pytest.importorskip("detectron2", reason="detectron2 is not installed: run `make install-det`")
+    import timm
+    import torch
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling import build_backbone
+
+    import det
+
+    timm.models.save_for_hf(timm.create_model("resnet20_cifar"), tmp_path / "export", safe_serialization=True)
+    with pytest.raises(det.WeightsMismatchError) as info:
+        det.create_timm_features("resnet34", tmp_path / "export")
+    message = str(info.value)
+    assert "MODEL.TIMM.NAME to 'resnet20_cifar'" in message
+    assert "MODEL.TIMM.OUT_INDICES to [1, 2, 3]" in message
+    assert "MODEL.FPN.IN_FEATURES to ['res0', 'res1', 'res2']" in message
+    # following the advice builds the detection backbone from those weights
+    cfg = det.add_timm_config(get_cfg())
+    cfg.merge_from_file(str(REPO / "configs" / "det" / "mask_rcnn_R34_FPN_1x.yaml"))
+    cfg.merge_from_list(["MODEL.TIMM.NAME", "resnet20_cifar", "MODEL.TIMM.WEIGHTS", str(tmp_path / "export"),
+                         "MODEL.TIMM.OUT_INDICES", "[1, 2, 3]", "MODEL.FPN.IN_FEATURES", "['res0', 'res1', 'res2']",
+                         "MODEL.TIMM.FREEZE_AT", "0"])
+    backbone = build_backbone(cfg, ShapeSpec(channels=3))
+    with torch.no_grad():
+        out = backbone(torch.randn(1, 3, 32, 32))
+    assert [tuple(v.shape[-2:]) for v in out.values()][:3] == [(32, 32), (16, 16), (8, 8)]
