@@ -171,4 +171,4 @@ class InfoPro(_ReconstructionWeights, LocalMethod):
                 lambda_y,
             )
 
-        return per_block_stages(partition, make_head)
+        return per_block_stages(partition, make_head, self.name)

@@ -1,0 +1,170 @@
+"""Record the code a timm model runs *between* its module calls, with torch.fx.
+
+``forward_features`` of a transformer is not a chain of its children: it concatenates a class
+token, adds a position embedding, permutes between NCHW and NHWC... To cut such a model into
+local blocks the generic family needs that glue code as data. :func:`trace_method` records one
+method (``forward_features``, or a container's ``forward``) as an ``fx.Graph`` in which *every*
+submodule call is one opaque node, so the modules themselves are never traced: they keep their
+own training-mode branches (dropout, drop-path, batch statistics) and need not be traceable.
+Only the glue is symbolic, and it is checked to be the same in train and eval mode.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import operator
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from timm.layers import get_notrace_functions
+
+__all__ = ["TraceFailure", "inline_call", "trace_method"]
+
+
+class TraceFailure(RuntimeError):
+    """The method could not be recorded as glue code around module calls (the reason is the message)."""
+
+
+class _GlueTracer(fx.Tracer):
+    """Every module is a leaf: only the traced method's own code becomes graph nodes.
+
+    timm's registered "no-trace" functions (e.g. position-embedding resampling, whose Python
+    branches depend on shapes) stay opaque too; fx wraps them in the traced method's module.
+    """
+
+    def __init__(self, method: str) -> None:
+        super().__init__(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
+        self.traced_func_name = method
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _defaults(module: nn.Module, method: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The method's arguments after the input, fixed at their defaults (a local block gets one tensor)."""
+    params = list(inspect.signature(getattr(type(module), method)).parameters.values())[2:]
+    params = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    required = [p.name for p in params if p.default is inspect.Parameter.empty and p.name not in overrides]
+    if required:
+        raise TraceFailure(f"{type(module).__name__}.{method} needs arguments besides its input: {required}")
+    return {p.name: overrides.get(p.name, p.default) for p in params}
+
+
+def _drop_specialised_arguments(graph: fx.Graph) -> None:
+    """Remove the placeholders fx keeps for arguments fixed at their defaults, and fx's checks on them."""
+    for ph in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        doomed: dict[fx.Node, None] = {}
+        frontier = list(ph.users)
+        while frontier:
+            n = frontier.pop()
+            if n.op != "call_function" or n.target not in _CHECKS:
+                raise TraceFailure(f"the traced code uses its argument {ph.target!r} beyond its default")
+            doomed[n] = None
+            frontier.extend(n.users)
+        for n in reversed([n for n in graph.nodes if n in doomed]):
+            graph.erase_node(n)
+        graph.erase_node(ph)
+
+
+_CHECKS = (torch.fx._symbolic_trace._assert_is_none, torch._assert, operator.eq, operator.is_)
+
+
+@contextlib.contextmanager
+def _mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """Put ``module`` in train/eval mode and restore every submodule's own flag afterwards."""
+    saved = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def _trace_once(
+    module: nn.Module, method: str, overrides: dict[str, Any]
+) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
+    before = set(vars(module))
+    try:
+        graph = _GlueTracer(method).trace(module, concrete_args=_defaults(module, method, overrides) or None)
+    except TraceFailure:
+        raise
+    except Exception as e:  # fx raises many exception types for untraceable Python code
+        message = str(e).splitlines()[0] if str(e) else ""
+        raise TraceFailure(f"{type(module).__name__}.{method} cannot be traced with torch.fx "
+                           f"({type(e).__name__}: {message})") from None
+    finally:
+        # fx stores the tensor constants it meets on the traced module: take them back off
+        added = {k: vars(module)[k] for k in set(vars(module)) - before}
+        for k in added:
+            delattr(module, k)
+    _drop_specialised_arguments(graph)
+    return graph, {k: v for k, v in added.items() if isinstance(v, torch.Tensor)}
+
+
+def trace_method(
+    module: nn.Module, method: str = "forward", overrides: dict[str, Any] | None = None
+) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
+    """``module.<method>(x)`` as (graph, tensor constants); raises :class:`TraceFailure` if it cannot.
+
+    Arguments after ``x`` are fixed at their defaults, or at ``overrides`` (``pre_logits=True``).
+    Targets of ``call_module`` / ``get_attr`` nodes are relative to ``module``; ``constants``
+    holds the tensors fx had to store as constants (keyed by their ``get_attr`` target). The glue
+    is traced in train and in eval mode and must be the same: a segment of it runs in both.
+    """
+    overrides = dict(overrides or {})
+    with _mode(module, True):
+        graph, constants = _trace_once(module, method, overrides)
+    with _mode(module, False):
+        eval_graph, _ = _trace_once(module, method, overrides)
+    if graph.python_code("self").src != eval_graph.python_code("self").src:
+        raise TraceFailure(f"{type(module).__name__}.{method} runs different code in train and eval mode")
+    return graph, constants
+
+
+def inline_call(
+    graph: fx.Graph,
+    node: fx.Node,
+    module: nn.Module,
+    constants: dict[str, torch.Tensor],
+    overrides: dict[str, Any] | None = None,
+) -> bool:
+    """Replace the call ``node`` of ``module`` (on one tensor) by the module's traced body, in place.
+
+    New constants are added to ``constants`` under fresh names. Returns False, changing nothing,
+    when the call passes more than one argument or the body cannot be traced or returns several values.
+    """
+    if len(node.args) != 1 or not isinstance(node.args[0], fx.Node) or set(node.kwargs) - set(overrides or {}):
+        return False
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        value = node.args[0]
+        with graph.inserting_before(node):
+            for name, _ in module.named_children():
+                value = graph.call_module(f"{node.target}.{name}", (value,))
+    else:
+        try:
+            body, body_constants = trace_method(module, "forward", overrides)
+        except TraceFailure:
+            return False
+        out = next(n for n in body.nodes if n.op == "output").args[0]
+        if not isinstance(out, fx.Node):
+            return False
+        env: dict[fx.Node, fx.Node] = {}
+        with graph.inserting_before(node):
+            for sub in body.nodes:
+                if sub.op == "placeholder":
+                    env[sub] = node.args[0]
+                elif sub.op != "output":
+                    new = graph.node_copy(sub, lambda a: env[a])
+                    if sub.op == "get_attr" and sub.target in body_constants:
+                        new.target = f"_constant{len(constants)}"
+                        constants[new.target] = body_constants[sub.target]
+                    elif sub.op in ("call_module", "get_attr"):
+                        new.target = f"{node.target}.{sub.target}"
+                    env[sub] = new
+        value = env[out]
+    node.replace_all_uses_with(value)
+    graph.erase_node(node)
+    return True
