@@ -137,6 +137,9 @@ def measure_block(
     height, width = x.shape[-2:]
     if h.ndim == 3:
         layout, chs, tokens = "NLC", int(h.shape[2]), int(h.shape[1])
+        patches = tokens - int(getattr(model, "num_prefix_tokens", 0) or 0)  # class / register tokens
+        if patches > 0 and math.isqrt(patches) ** 2 == patches:
+            tokens = patches
         reduction = max(1, round(math.sqrt(height * width / max(1, tokens))))
         return BlockSpec(index, name, chs, reduction, layout, tuple(int(d) for d in h.shape[1:]))
     if h.ndim != 4:

@@ -101,14 +101,20 @@ def _grid(spec: "BlockSpec") -> tuple[int, int] | None:
     return (side, side) if side * side == spec.shape[0] else None
 
 
+#: At most this many leading (class / register) tokens are added or dropped by a projection.
+MAX_LEADING_TOKENS = 16
+
+
 class ShapeProjection(nn.Module):
     """Maps features shaped like ``source``'s output to the shape ``target``'s output has.
 
     Spatially: a subsampling by the integer ratio of the two grids (the stride the downsampling
     deficit asks for), or an adaptive average pool when the ratio is not an integer. Channels: a
     1x1 convolution + BatchNorm into a feature map (NCHW), a linear layer into channels-last maps
-    and tokens ("a linear for token models"). Tokens with extra class/register tokens are only
-    projected channel-wise, and only when both sides have the same token count.
+    and tokens ("a linear for token models"). Token sequences that are no square grid (they carry
+    class / register tokens) are projected channel-wise; when the copied block expects a few more
+    leading tokens than the source has (a class token joins mid-network, as in ConViT), fresh
+    learned ones are prepended, and when it expects fewer, the leading ones are dropped.
     """
 
     def __init__(self, source: "BlockSpec", target: "BlockSpec") -> None:
@@ -116,15 +122,17 @@ class ShapeProjection(nn.Module):
         self.source_layout, self.target_layout = source.layout, target.layout
         self.target_grid = _grid(target)
         source_grid = _grid(source)
-        same_tokens = source.layout == target.layout == "NLC" and source.shape[0] == target.shape[0]
-        if same_tokens:
-            self.target_grid = None  # channels only
+        self.leading = 0  # tokens to prepend (> 0) or to drop (< 0)
+        tokens = source.layout == target.layout == "NLC" and (source_grid is None or self.target_grid is None)
+        if tokens and abs(target.shape[0] - source.shape[0]) <= MAX_LEADING_TOKENS:
+            self.target_grid = None  # channels only (+ leading tokens)
+            self.leading = target.shape[0] - source.shape[0]
         elif source_grid is None or self.target_grid is None:
             raise ValueError(
                 f"cannot project block {source.name!r}'s output {source.shape} ({source.layout}) to the input "
-                f"{target.shape} ({target.layout}) of a copy of the block after {target.name!r}: token counts "
-                "with class tokens can only be mapped channel-wise, at equal counts")
-        self.source_grid = None if same_tokens else source_grid
+                f"{target.shape} ({target.layout}) of a copy of the block after {target.name!r}: a token "
+                "sequence with class tokens has no grid to resample")
+        self.source_grid = None if self.target_grid is None else source_grid
         self.stride = None
         if self.target_grid is not None and self.source_grid != self.target_grid:
             (h, w), (th, tw) = self.source_grid, self.target_grid
@@ -136,6 +144,9 @@ class ShapeProjection(nn.Module):
             nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
         else:
             self.linear = nn.Linear(source.out_chs, target.out_chs)
+        if self.leading > 0:
+            self.tokens = nn.Parameter(torch.zeros(1, self.leading, target.out_chs))
+            nn.init.trunc_normal_(self.tokens, std=0.02)
 
     def _to_nchw(self, x: torch.Tensor) -> torch.Tensor:
         if self.source_layout == "NHWC":
@@ -146,8 +157,11 @@ class ShapeProjection(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.source_grid is None:  # tokens -> tokens, same count
-            return self.linear(x)
+        if self.source_grid is None:  # tokens -> tokens, channel-wise
+            x = self.linear(x)
+            if self.leading > 0:
+                return torch.cat([self.tokens.expand(x.shape[0], -1, -1), x], dim=1)
+            return x[:, -self.leading:] if self.leading < 0 else x
         x = self._to_nchw(x)
         if self.target_grid != tuple(x.shape[-2:]) and self.stride is None:
             x = F.adaptive_avg_pool2d(x, self.target_grid)

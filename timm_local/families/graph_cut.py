@@ -100,9 +100,10 @@ class _Cutter:
         self.input = next(n for n in nodes if n.op == "placeholder")
         self.output = next(n for n in nodes if n.op == "output")
         if not isinstance(self.output.args[0], fx.Node):
+            kind = "tuple" if isinstance(self.output.args[0], tuple) else "list"
             raise TraceFailure(
-                f"{type(tracked.model).__name__}.forward_features returns a {type(self.output.args[0]).__name__} "
-                "of several tensors, not one tensor")
+                f"{type(tracked.model).__name__}.forward_features returns a {kind} of "
+                f"{len(self.output.args[0])} tensors, not one tensor")
         self.body = [n for n in nodes if n.op not in ("placeholder", "output")]
         self.index = {n: i for i, n in enumerate(self.body)}
         self.index[self.input] = -1
