@@ -185,11 +185,11 @@ def partition(
     in order reproduces ``model.forward_features`` exactly.
     """
     adapter = adapter_for(model)
-    named_blocks = adapter.local_blocks(model)
+    x = _probe_input(model, input_size)
+    named_blocks = adapter.cut(model, tuple(x.shape[1:]))
     names = [n for n, _ in named_blocks]
     blocks = [b for _, b in named_blocks]
 
-    x = _probe_input(model, input_size)
     was_training = model.training
     model.eval()
     specs: list[BlockSpec] = []

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Sequence, TypeVar
 
 import torch.nn as nn
 
@@ -28,6 +28,10 @@ class FamilyAdapter(ABC):
         from others (e.g. a ``ResNet`` of Res2Net blocks), so the generic family takes them.
         """
         return True
+
+    def cut(self, model: nn.Module, input_size: Sequence[int]) -> list[tuple[str, nn.Module]]:
+        """The local blocks for ``(C, H, W)`` inputs; :meth:`local_blocks` unless the cut depends on the size."""
+        return self.local_blocks(model)
 
     @abstractmethod
     def local_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 from timm.layers import get_notrace_functions
 
-__all__ = ["TraceFailure", "inline_call", "trace_method"]
+__all__ = ["TraceFailure", "inline_call", "trace_method", "training_mode"]
 
 
 class TraceFailure(RuntimeError):
@@ -72,7 +72,7 @@ _CHECKS = (torch.fx._symbolic_trace._assert_is_none, torch._assert, operator.eq,
 
 
 @contextlib.contextmanager
-def _mode(module: nn.Module, training: bool) -> Iterator[None]:
+def training_mode(module: nn.Module, training: bool) -> Iterator[None]:
     """Put ``module`` in train/eval mode and restore every submodule's own flag afterwards."""
     saved = [(m, m.training) for m in module.modules()]
     module.train(training)
@@ -115,9 +115,9 @@ def trace_method(
     is traced in train and in eval mode and must be the same: a segment of it runs in both.
     """
     overrides = dict(overrides or {})
-    with _mode(module, True):
+    with training_mode(module, True):
         graph, constants = _trace_once(module, method, overrides)
-    with _mode(module, False):
+    with training_mode(module, False):
         eval_graph, _ = _trace_once(module, method, overrides)
     if graph.python_code("self").src != eval_graph.python_code("self").src:
         raise TraceFailure(f"{type(module).__name__}.{method} runs different code in train and eval mode")

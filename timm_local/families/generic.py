@@ -9,7 +9,7 @@ block types hands the model over (``supports``). The cut is :func:`~.graph_cut.c
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch.nn as nn
 
@@ -34,11 +34,18 @@ class GenericFamily(FamilyAdapter):
         """A timm-style model: features and head as separate methods (the partition's blocks and top)."""
         return callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))
 
-    def local_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+    def cut(self, model: nn.Module, input_size: Sequence[int]) -> list[tuple[str, nn.Module]]:
+        """The cut for ``(C, H, W)`` inputs: values the glue derives from the input's shape alone (a
+        rotary table for the token grid) are fixed at that size."""
         try:
-            return cut_forward_features(model)
+            return cut_forward_features(model, input_size)
         except TraceFailure as e:
             raise NotImplementedError(unsupported_message(model, f"the generic cut failed: {e}")) from None
+
+    def local_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The cut at the model's own input size (``pretrained_cfg``)."""
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        return self.cut(model, cfg.get("input_size", (3, 224, 224)))
 
     def make_block_like(
         self, model: nn.Module, block: nn.Module, in_chs: int, out_chs: int, stride: int

@@ -21,13 +21,14 @@ parameters it uses (never the model itself).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from .block_groups import compute_layers, parameter_groups
-from .fx_trace import TraceFailure, inline_call, trace_method
+from .fx_trace import TraceFailure, inline_call, trace_method, training_mode
 
 __all__ = ["cut_forward_features"]
 
@@ -94,8 +95,10 @@ def _resolve(root: nn.Module, target: str) -> Any:
 class _Cutter:
     """Single-tensor cut points of the tracked graph and the segments between them."""
 
-    def __init__(self, tracked: _Tracked) -> None:
+    def __init__(self, tracked: _Tracked, input_size: Sequence[int]) -> None:
         self.t = tracked
+        self.input_size = tuple(input_size)
+        self._probe: Optional[_ProbeValues] = None
         nodes = list(tracked.graph.nodes)
         self.input = next(n for n in nodes if n.op == "placeholder")
         self.output = next(n for n in nodes if n.op == "output")
@@ -108,21 +111,50 @@ class _Cutter:
         self.index = {n: i for i, n in enumerate(self.body)}
         self.index[self.input] = -1
         self.index[self.output] = len(self.body)
+        # depends: computed from the input; valued: from the input's values, not only from its shape
         self.depends: dict[fx.Node, bool] = {self.input: True}
+        self.valued: dict[fx.Node, bool] = {self.input: True}
         self.carries: dict[fx.Node, bool] = {self.input: False}
         for n in self.body:
             inputs = n.all_input_nodes
             self.depends[n] = any(self.depends[a] for a in inputs)
-            self.carries[n] = bool(tracked.params(n)) or any(self.carries[a] for a in inputs)
+            self.valued[n] = not _reads_shape(n) and any(self.valued[a] for a in inputs)
+            self.carries[n] = bool(tracked.params(n)) or (not _reads_shape(n) and any(self.carries[a] for a in inputs))
         self.last_use = {n: max((self.index[u] for u in n.users), default=-1) for n in [self.input, *self.body]}
 
+    def probe(self) -> "_ProbeValues":
+        if self._probe is None:
+            self._probe = _ProbeValues(self.t, self.input_size)
+        return self._probe
+
     def crossing(self, p: int) -> Optional[fx.Node]:
-        """The one input-dependent value live after body[p], or None if the cut is not single-valued."""
+        """The one input-valued tensor live after body[p], or None if the cut is not single-valued.
+
+        Besides it, only values that need no input (recomputed after the cut) or that depend on the
+        input's *shape* alone (a rotary embedding for the token grid, a grid size: fixed at the probe
+        size, see :class:`_ProbeValues`) may be live, and none of them may hold a parameter.
+        """
         live = [n for n in [self.input, *self.body[: p + 1]] if self.last_use[n] > p]
+        if any(self.carries[n] for n in live if not self.depends[n]):
+            return None  # a parameter used on both sides
         dependent = [n for n in live if self.depends[n]]
-        if len(dependent) != 1 or any(self.carries[n] and not self.depends[n] for n in live):
+        if len(dependent) == 1 and self.valued[dependent[0]]:
+            return dependent[0]
+        rest = [n for n in dependent if not self.fixable(n)]
+        if len(rest) != 1 or rest[0].name not in self.probe().shapes:
             return None
-        return dependent[0]
+        return rest[0]
+
+    def fixable(self, node: fx.Node) -> bool:
+        """Whether ``node`` may be fixed at its probe value: it is the same for two different probe
+        batches and carries no gradient -- shape-derived tensors computed without parameters (a
+        rotary table) and plain Python values (a token grid size a patch embedding returns)."""
+        probe = self.probe()
+        if not probe.fixed(node):
+            return False
+        if node.name in probe.shapes:  # a tensor
+            return not self.valued[node] and not self.carries[node]
+        return True
 
     def segments(self) -> list[tuple[int, int]]:
         """Inclusive body ranges of the local blocks, in order."""
@@ -217,42 +249,137 @@ class _Cutter:
         return names[0] if len(names) == 1 else f"{names[0]}+{names[-1]}"
 
     def _module(self, source: fx.Node, result: fx.Node, start: int) -> nn.Module:
-        needed = self._needed(source, result)
+        needed, fixed = self._needed(source, result, start)
         chain = [n for n in needed if n.op == "call_module"]
-        if len(chain) == len(needed) and all(
+        if not fixed and len(chain) == len(needed) and all(
             n.args == ((source if i == 0 else chain[i - 1]),) and not n.kwargs for i, n in enumerate(chain)
         ) and chain and chain[-1] is result:
             modules = [self.t.obj(n) for n in chain]
             return modules[0] if len(modules) == 1 else nn.Sequential(*modules)
         graph = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {source: graph.placeholder("x")}
+        x = graph.placeholder("x")
+        device = graph.call_function(getattr, (x, "device"))
+        env: dict[fx.Node, Any] = {source: x}
+        root: dict[str, Any] = {}
+        if fixed:  # values fixed at the probe size are only right for inputs of the probe's shape
+            graph.call_function(check_input_shape, (x, self.probe().shapes[source.name][1:]))
+        for k, n in enumerate(fixed):
+            value = self.probe().values[n.name]
+            if isinstance(value, torch.Tensor):
+                root[f"_fixed{k}"] = value
+                env[n] = graph.call_method("to", (graph.get_attr(f"_fixed{k}"), device))
+            else:
+                env[n] = value
         for n in needed:
-            env[n] = graph.node_copy(n, lambda a: env[a])
+            new = graph.node_copy(n, lambda a: env[a])
+            # devices the trace read off real tensors follow the block's input instead
+            new.args = fx.node.map_aggregate(new.args, lambda a: device if isinstance(a, torch.device) else a)
+            new.kwargs = fx.node.map_aggregate(new.kwargs, lambda a: device if isinstance(a, torch.device) else a)
+            env[n] = new
             if n.op == "get_attr" and n.target in self.t.constants:  # follow the input's device
-                device = graph.call_function(getattr, (env[source], "device"))
-                env[n] = graph.call_method("to", (env[n], device))
+                env[n] = graph.call_method("to", (new, device))
+            if n.op in ("call_module", "get_attr"):
+                root[n.target] = self.t.obj(n)
         graph.output(env[result])
-        root = {n.target: self.t.obj(n) for n in needed if n.op in ("call_module", "get_attr")}
         return fx.GraphModule(root, graph, class_name=f"{type(self.t.model).__name__}Segment")
 
-    def _needed(self, source: fx.Node, result: fx.Node) -> list[fx.Node]:
-        """Nodes that compute ``result`` from ``source`` (input-free values are recomputed), in order."""
+    def _needed(self, source: fx.Node, result: fx.Node, start: int) -> tuple[list[fx.Node], list[fx.Node]]:
+        """Nodes that compute ``result`` from ``source``, in order, and the shape-fixed values from
+        before the block it takes as constants (values that need no input are recomputed)."""
         seen: set[fx.Node] = set()
+        fixed: set[fx.Node] = set()
         stack = [result]
         while stack:
             n = stack.pop()
-            if n in seen or n is source:
+            if n in seen or n in fixed or n is source:
+                continue
+            if self.index[n] < start and self.depends[n] and self.fixable(n):
+                fixed.add(n)
                 continue
             if n is self.input:
                 raise TraceFailure("a block needs the network input besides the previous block's output")
             seen.add(n)
             stack.extend(n.all_input_nodes)
-        return sorted(seen, key=self.index.__getitem__)
+        order = self.index.__getitem__
+        return sorted(seen, key=order), sorted(fixed, key=order)
 
 
-def cut_forward_features(model: nn.Module) -> NamedBlocks:
-    """(name, module) of the local blocks of ``model``; raises :class:`TraceFailure` with the reason."""
-    cutter = _Cutter(_Tracked(model))
+def _reads_shape(node: fx.Node) -> bool:
+    """``x.shape`` / ``x.size()`` / ``x.dim()``: the result depends on the shape, not the values."""
+    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
+        return True
+    return node.op == "call_method" and node.target in ("size", "dim")
+
+
+def check_input_shape(x: torch.Tensor, expected: tuple[int, ...]) -> None:
+    """Guard of a block that holds values fixed at the partition's probe size (see _ProbeValues)."""
+    if tuple(x.shape[1:]) != tuple(expected):
+        raise ValueError(
+            f"this local block was cut for inputs of shape (B, {', '.join(map(str, expected))}) and got "
+            f"{tuple(x.shape)}: build the LocalModel with input_size= the size of the training images")
+
+
+class _ProbeValues:
+    """Values of the traced graph on probe inputs of batch 1 and 2, at the partition's input size.
+
+    A value that depends on the input's shape only (a rotary position table for the token grid, a
+    grid size passed to every block) may cross a block boundary when it is the same for both batch
+    sizes: the block after the cut takes it as a constant, valid for inputs of the probe's size,
+    which the block checks (:func:`check_input_shape`).
+    """
+
+    def __init__(self, tracked: _Tracked, input_size: tuple[int, ...]) -> None:
+        root = {n.target: tracked.obj(n) for n in tracked.graph.nodes if n.op in ("call_module", "get_attr")}
+        module = fx.GraphModule(root, tracked.graph)
+        param = next(tracked.model.parameters())
+        runs = []
+        generator = torch.Generator(param.device).manual_seed(0)  # (the global random state stays untouched)
+        with training_mode(tracked.model, False), torch.no_grad():
+            for batch in (1, 2):
+                recorder = _Recorder(module)
+                x = torch.randn(batch, *input_size, generator=generator, device=param.device).to(param.dtype)
+                recorder.run(x)
+                runs.append(recorder)
+        self.values = runs[0].values
+        self.shapes = runs[0].shapes
+        self._same = {k for k, v in runs[0].values.items() if _equal(v, runs[1].values.get(k))}
+
+    def fixed(self, node: fx.Node) -> bool:
+        return node.name in self._same
+
+
+class _Recorder(fx.Interpreter):
+    """Keeps non-tensor results and small tensors (the candidates for fixing), and every shape."""
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module)
+        self.values: dict[str, Any] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.shapes[n.name] = tuple(out.shape)
+            if out.numel() <= 1 << 20:
+                self.values[n.name] = out
+        elif isinstance(out, (int, float, bool, tuple, list, torch.Size)) or out is None:
+            self.values[n.name] = out
+        return out
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    try:
+        return bool(a == b)
+    except Exception:  # values without a usable == (nested tensors)
+        return False
+
+
+def cut_forward_features(model: nn.Module, input_size: Sequence[int]) -> NamedBlocks:
+    """(name, module) of the local blocks of ``model`` for ``(C, H, W)`` inputs; raises
+    :class:`TraceFailure` with the reason when it cannot cut the model."""
+    cutter = _Cutter(_Tracked(model), input_size)
     ranges = cutter.segments()
     if len(ranges) < 2:
         raise TraceFailure(
