@@ -165,6 +165,24 @@ def _is_map(h: int, w: int, height: int, width: int) -> bool:
     return abs(height / h - width / w) <= 0.25 * max(height / h, width / w)
 
 
+def run_on_probe(model: nn.Module, x: torch.Tensor, what: str, fn, *args: object) -> object:
+    """``fn(*args)`` on the probe; a failure inside the model becomes an error naming the input size.
+
+    (An architecture with a fixed or constrained input size fails deep inside timm otherwise.)
+    """
+    try:
+        return fn(*args)
+    except Exception as e:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        own = tuple(cfg.get("input_size", ()))
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(
+            f"{type(model).__name__} cannot run {what} on inputs of shape {tuple(x.shape[1:])} "
+            f"({type(e).__name__}: {first}); pass input_size= a size the model accepts"
+            + (f", e.g. its own {own}" if own else "")
+        ) from e
+
+
 def _probe_input(model: nn.Module, input_size: Sequence[int] | None) -> torch.Tensor:
     if input_size is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -197,10 +215,10 @@ def partition(
         with torch.no_grad():
             h = x
             for i, (name, block) in enumerate(named_blocks):
-                h = block(h)
+                h = run_on_probe(model, x, f"local block {name!r}", block, h)
                 specs.append(measure_block(i, name, h, x, model, specs[-1].layout if specs else None))
             if verify:
-                expected = model.forward_features(x)
+                expected = run_on_probe(model, x, "forward_features", model.forward_features, x)
                 if not isinstance(expected, torch.Tensor):
                     raise NotImplementedError(
                         f"{type(model).__name__}.forward_features returns a {type(expected).__name__}, not one "

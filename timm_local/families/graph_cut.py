@@ -21,6 +21,7 @@ parameters it uses (never the model itself).
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional, Sequence
 
 import torch
@@ -148,8 +149,11 @@ class _Cutter:
     def fixable(self, node: fx.Node) -> bool:
         """Whether ``node`` may be fixed at its probe value: it is the same for two different probe
         batches and carries no gradient -- shape-derived tensors computed without parameters (a
-        rotary table) and plain Python values (a token grid size a patch embedding returns)."""
+        rotary table) and plain Python values (a token grid size a patch embedding returns) -- or it
+        is the batch size, which the block after the cut reads off its own input."""
         probe = self.probe()
+        if probe.is_batch(node):
+            return True
         if not probe.fixed(node):
             return False
         if node.name in probe.shapes:  # a tensor
@@ -261,11 +265,13 @@ class _Cutter:
         device = graph.call_function(getattr, (x, "device"))
         env: dict[fx.Node, Any] = {source: x}
         root: dict[str, Any] = {}
-        if fixed:  # values fixed at the probe size are only right for inputs of the probe's shape
+        if any(not self.probe().is_batch(n) for n in fixed):  # probe values suit probe-shaped inputs only
             graph.call_function(check_input_shape, (x, self.probe().shapes[source.name][1:]))
         for k, n in enumerate(fixed):
             value = self.probe().values[n.name]
-            if isinstance(value, torch.Tensor):
+            if self.probe().is_batch(n):  # the batch size: the input's, not the probe's
+                env[n] = graph.call_function(operator.getitem, (graph.call_function(getattr, (x, "shape")), 0))
+            elif isinstance(value, torch.Tensor):
                 root[f"_fixed{k}"] = value
                 env[n] = graph.call_method("to", (graph.get_attr(f"_fixed{k}"), device))
             else:
@@ -329,6 +335,8 @@ class _ProbeValues:
     """
 
     def __init__(self, tracked: _Tracked, input_size: tuple[int, ...]) -> None:
+        from ..partition import run_on_probe  # (the partition module imports the families)
+
         root = {n.target: tracked.obj(n) for n in tracked.graph.nodes if n.op in ("call_module", "get_attr")}
         module = fx.GraphModule(root, tracked.graph)
         param = next(tracked.model.parameters())
@@ -338,11 +346,17 @@ class _ProbeValues:
             for batch in (1, 2):
                 recorder = _Recorder(module)
                 x = torch.randn(batch, *input_size, generator=generator, device=param.device).to(param.dtype)
-                recorder.run(x)
+                run_on_probe(tracked.model, x, "forward_features", recorder.run, x)
                 runs.append(recorder)
         self.values = runs[0].values
         self.shapes = runs[0].shapes
         self._same = {k for k, v in runs[0].values.items() if _equal(v, runs[1].values.get(k))}
+        self._batch = {k for k, v in runs[0].values.items()
+                       if type(v) is int and v == 1 and runs[1].values.get(k) == 2}
+
+    def is_batch(self, node: fx.Node) -> bool:
+        """An integer equal to the batch size at both probes (``B = x.shape[0]``)."""
+        return node.name in self._batch
 
     def fixed(self, node: fx.Node) -> bool:
         return node.name in self._same
