@@ -240,3 +240,25 @@ def test_cost_tool_on_generic_models(args: list[str], capsys, monkeypatch) -> No
     assert report["model"] == args[1] and report["aux_depth"] == 3
     assert report["input_size"] == ([3, 64, 64] if len(args) > 2 else [3, 224, 224])
     assert report["gmacs"] > 1.5 * report["gmacs_backbone"] > 0 and report["aux_params"] > report["params"] / 2
+
+
+def test_token_projections_keep_class_tokens_and_resample_the_grid() -> None:
+    """Token sequences are read as leading class tokens + a square patch grid (PiT, ConViT, hybrids)."""
+    from timm_local.partition import BlockSpec
+
+    def spec(layout: str, shape: tuple[int, ...]) -> BlockSpec:
+        return BlockSpec(0, "b", shape[0] if layout == "NCHW" else shape[-1], 1, layout, shape)
+
+    x = torch.randn(2, 197, 64)  # class token + 14 x 14 patches
+    down = ShapeProjection(spec("NLC", (197, 64)), spec("NLC", (50, 128)))  # -> class token + 7 x 7
+    assert down.stride == 2 and down(x).shape == (2, 50, 128)
+    assert torch.allclose(down(x)[:, 0], down.linear(x[:, 0]))  # the class token, mapped channel-wise
+    grid = x[:, 1:].reshape(2, 14, 14, 64)[:, ::2, ::2]
+    assert torch.allclose(down(x)[:, 1:], down.linear(grid).flatten(1, 2))
+    joins = ShapeProjection(spec("NLC", (196, 64)), spec("NLC", (197, 64)))  # a class token joins (ConViT)
+    y = joins(x[:, 1:])
+    assert y.shape == (2, 197, 64) and torch.equal(y[:, 0], joins.tokens[0, 0].expand(2, -1))
+    hybrid = ShapeProjection(spec("NCHW", (32, 28, 28)), spec("NLC", (197, 64)))  # a CNN stem -> tokens
+    assert hybrid(torch.randn(2, 32, 28, 28)).shape == (2, 197, 64)
+    with pytest.raises(ValueError, match="cannot project"):
+        ShapeProjection(spec("NLC", (1000, 64)), spec("NLC", (197, 64)))  # no grid (961 < 1000 - 16), far apart

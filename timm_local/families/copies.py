@@ -91,18 +91,27 @@ def fresh_copy(block: nn.Module, model: nn.Module) -> nn.Module:
     return clone
 
 
-def _grid(spec: "BlockSpec") -> tuple[int, int] | None:
-    """(H, W) of a block output laid out on a spatial grid; tokens form one only if their count is square."""
-    if spec.layout == "NCHW":
-        return spec.shape[1], spec.shape[2]
-    if spec.layout == "NHWC":
-        return spec.shape[0], spec.shape[1]
-    side = math.isqrt(spec.shape[0])
-    return (side, side) if side * side == spec.shape[0] else None
-
-
-#: At most this many leading (class / register) tokens are added or dropped by a projection.
+#: At most this many leading (class / register) tokens are recognised, added or dropped by a projection.
 MAX_LEADING_TOKENS = 16
+
+
+def token_grid(tokens: int) -> tuple[int, tuple[int, int]] | None:
+    """(leading tokens, (side, side)): the fewest leading class / register tokens that leave a square
+    grid of patch tokens (ViT: 197 = 1 + 14 x 14), or None."""
+    for leading in range(min(MAX_LEADING_TOKENS, tokens - 1) + 1):
+        side = math.isqrt(tokens - leading)
+        if side > 0 and side * side == tokens - leading:
+            return leading, (side, side)
+    return None
+
+
+def _grid(spec: "BlockSpec") -> tuple[int, tuple[int, int]] | None:
+    """(leading tokens, (H, W)) of a block output, or None for a token sequence without a grid."""
+    if spec.layout == "NCHW":
+        return 0, (spec.shape[1], spec.shape[2])
+    if spec.layout == "NHWC":
+        return 0, (spec.shape[0], spec.shape[1])
+    return token_grid(spec.shape[0])
 
 
 class ShapeProjection(nn.Module):
@@ -111,63 +120,78 @@ class ShapeProjection(nn.Module):
     Spatially: a subsampling by the integer ratio of the two grids (the stride the downsampling
     deficit asks for), or an adaptive average pool when the ratio is not an integer. Channels: a
     1x1 convolution + BatchNorm into a feature map (NCHW), a linear layer into channels-last maps
-    and tokens ("a linear for token models"). Token sequences that are no square grid (they carry
-    class / register tokens) are projected channel-wise; when the copied block expects a few more
-    leading tokens than the source has (a class token joins mid-network, as in ConViT), fresh
-    learned ones are prepended, and when it expects fewer, the leading ones are dropped.
+    and tokens ("a linear for token models"). Tokens are read as leading class / register tokens
+    plus a square grid of patch tokens; the leading ones are mapped channel-wise, and where the
+    copied block expects more of them (a class token joins mid-network, as in ConViT) fresh learned
+    ones are prepended, where it expects fewer the extra ones are dropped. A token sequence with no
+    square grid is mapped channel-wise only, its length adjusted by the same leading-token rule.
     """
 
     def __init__(self, source: "BlockSpec", target: "BlockSpec") -> None:
         super().__init__()
         self.source_layout, self.target_layout = source.layout, target.layout
-        self.target_grid = _grid(target)
-        source_grid = _grid(source)
-        self.leading = 0  # tokens to prepend (> 0) or to drop (< 0)
-        tokens = source.layout == target.layout == "NLC" and (source_grid is None or self.target_grid is None)
-        if tokens and abs(target.shape[0] - source.shape[0]) <= MAX_LEADING_TOKENS:
-            self.target_grid = None  # channels only (+ leading tokens)
-            self.leading = target.shape[0] - source.shape[0]
-        elif source_grid is None or self.target_grid is None:
-            raise ValueError(
-                f"cannot project block {source.name!r}'s output {source.shape} ({source.layout}) to the input "
-                f"{target.shape} ({target.layout}) of a copy of the block after {target.name!r}: a token "
-                "sequence with class tokens has no grid to resample")
-        self.source_grid = None if self.target_grid is None else source_grid
-        self.stride = None
-        if self.target_grid is not None and self.source_grid != self.target_grid:
-            (h, w), (th, tw) = self.source_grid, self.target_grid
-            if h % th == 0 and w % tw == 0 and h // th == w // tw:
-                self.stride = h // th
+        src, tgt = _grid(source), _grid(target)
+        self.stride: int | None = None
+        if src is None or tgt is None:
+            if not (source.layout == target.layout == "NLC"
+                    and abs(target.shape[0] - source.shape[0]) <= MAX_LEADING_TOKENS):
+                raise ValueError(
+                    f"cannot project block {source.name!r}'s output {source.shape} ({source.layout}) to the "
+                    f"input {target.shape} ({target.layout}) of a copy of the block after {target.name!r}: a "
+                    "token sequence that is no square grid after a few class tokens cannot be resampled")
+            self.grids = None
+            self.leading = (0, target.shape[0] - source.shape[0])  # channel-wise, then adjust the length
+        else:
+            (source_leading, source_grid), (target_leading, target_grid) = src, tgt
+            self.grids = (source_grid, target_grid)
+            self.leading = (source_leading, target_leading)
+            if source_grid != target_grid:
+                (h, w), (th, tw) = source_grid, target_grid
+                if h % th == 0 and w % tw == 0 and h // th == w // tw:
+                    self.stride = h // th
+        fresh = self.leading[1] - (0 if self.grids is None else min(self.leading))
         if target.layout == "NCHW":
             self.conv = nn.Conv2d(source.out_chs, target.out_chs, 1, stride=self.stride or 1, bias=False)
             self.norm = nn.BatchNorm2d(target.out_chs)
             nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
         else:
             self.linear = nn.Linear(source.out_chs, target.out_chs)
-        if self.leading > 0:
-            self.tokens = nn.Parameter(torch.zeros(1, self.leading, target.out_chs))
+        if fresh > 0:
+            self.tokens = nn.Parameter(torch.zeros(1, fresh, target.out_chs))
             nn.init.trunc_normal_(self.tokens, std=0.02)
 
-    def _to_nchw(self, x: torch.Tensor) -> torch.Tensor:
-        if self.source_layout == "NHWC":
-            return x.permute(0, 3, 1, 2)
-        if self.source_layout == "NLC":
-            h, w = self.source_grid
-            return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
-        return x
+    def _with_leading(self, lead: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Tokens ``x`` behind the target's number of leading tokens (from ``lead``, then fresh ones)."""
+        want = self.leading[1]
+        lead = lead[:, :want]
+        if lead.shape[1] < want:
+            lead = torch.cat([self.tokens.expand(x.shape[0], -1, -1), lead], dim=1)
+        return torch.cat([lead, x], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.source_grid is None:  # tokens -> tokens, channel-wise
+        if self.grids is None:  # channel-wise, length adjusted at the front
             x = self.linear(x)
-            if self.leading > 0:
+            extra = self.leading[1]
+            if extra > 0:
                 return torch.cat([self.tokens.expand(x.shape[0], -1, -1), x], dim=1)
-            return x[:, -self.leading:] if self.leading < 0 else x
-        x = self._to_nchw(x)
-        if self.target_grid != tuple(x.shape[-2:]) and self.stride is None:
-            x = F.adaptive_avg_pool2d(x, self.target_grid)
+            return x[:, -extra:] if extra < 0 else x
+        (h, w), target_grid = self.grids
+        lead = x[:, : self.leading[0]]
+        if self.source_layout == "NHWC":
+            x = x.permute(0, 3, 1, 2)
+        elif self.source_layout == "NLC":
+            x = x[:, self.leading[0]:].transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+        if tuple(x.shape[-2:]) != target_grid and self.stride is None:
+            x = F.adaptive_avg_pool2d(x, target_grid)
         if self.target_layout == "NCHW":
-            return self.norm(self.conv(x))
+            return self.norm(self.conv(x))  # (a strided 1x1 conv: the subsampling)
         if self.stride:
             x = x[:, :, :: self.stride, :: self.stride]
         x = self.linear(x.permute(0, 2, 3, 1))
-        return x.flatten(1, 2) if self.target_layout == "NLC" else x
+        if self.target_layout == "NHWC":
+            return x
+        x = x.flatten(1, 2)
+        if self.leading[1] == 0:
+            return x
+        lead = self.linear(lead) if self.source_layout == "NLC" else x[:, :0]
+        return self._with_leading(lead, x)

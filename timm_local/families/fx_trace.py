@@ -130,27 +130,35 @@ def inline_call(
     module: nn.Module,
     constants: dict[str, torch.Tensor],
     overrides: dict[str, Any] | None = None,
-) -> bool:
+) -> None:
     """Replace the call ``node`` of ``module`` (on one tensor) by the module's traced body, in place.
 
-    New constants are added to ``constants`` under fresh names. Returns False, changing nothing,
-    when the call passes more than one argument or the body cannot be traced or returns several values.
+    New constants are added to ``constants`` under fresh names. Raises :class:`TraceFailure` with
+    the reason, changing nothing, when the call passes more than one tensor or the body cannot be
+    traced or returns several values.
     """
-    if len(node.args) != 1 or not isinstance(node.args[0], fx.Node) or set(node.kwargs) - set(overrides or {}):
-        return False
+    name = type(module).__name__
+    single = len(node.args) == 1 and (isinstance(node.args[0], fx.Node) or (
+        isinstance(node.args[0], (tuple, list)) and all(isinstance(a, fx.Node) for a in node.args[0])))
+    if not single:  # (one tensor, or one tuple of tensors as PiT's stages pass tokens and class tokens)
+        raise TraceFailure(f"{node.target} ({name}) is called with {len(node.args)} positional arguments")
+    if any(isinstance(v, fx.Node) for v in fx.node.map_aggregate(node.kwargs, lambda a: a).values()):
+        raise TraceFailure(f"{node.target} ({name}) is called with keyword arguments computed from the input")
+    overrides = {**node.kwargs, **(overrides or {})}  # constant keyword arguments fix the body's arguments
+    accepted = list(inspect.signature(type(module).forward).parameters)[2:]
+    if set(overrides) - set(accepted):
+        raise TraceFailure(f"{node.target} ({name}) takes keyword arguments its forward does not name")
     if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
         value = node.args[0]
         with graph.inserting_before(node):
-            for name, _ in module.named_children():
-                value = graph.call_module(f"{node.target}.{name}", (value,))
+            for child, _ in module.named_children():
+                value = graph.call_module(f"{node.target}.{child}", (value,))
     else:
-        try:
-            body, body_constants = trace_method(module, "forward", overrides)
-        except TraceFailure:
-            return False
+        body, body_constants = trace_method(module, "forward", overrides)
         out = next(n for n in body.nodes if n.op == "output").args[0]
-        if not isinstance(out, fx.Node):
-            return False
+        if not (isinstance(out, fx.Node) or (
+                isinstance(out, (tuple, list)) and all(isinstance(o, fx.Node) for o in out))):
+            raise TraceFailure(f"{node.target} ({name}) returns a structure of values")
         env: dict[fx.Node, fx.Node] = {}
         with graph.inserting_before(node):
             for sub in body.nodes:
@@ -164,7 +172,21 @@ def inline_call(
                     elif sub.op in ("call_module", "get_attr"):
                         new.target = f"{node.target}.{sub.target}"
                     env[sub] = new
-        value = env[out]
-    node.replace_all_uses_with(value)
+        value = fx.node.map_arg(out, lambda a: env[a])
+    _replace(graph, node, value)
+
+
+def _replace(graph: fx.Graph, node: fx.Node, value: Any) -> None:
+    """Replace ``node`` by ``value``: a node, or a tuple of nodes (a body returning several tensors,
+    whose integer-indexed uses take the element directly)."""
+    if isinstance(value, fx.Node):
+        node.replace_all_uses_with(value)
+    else:
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem and type(user.args[1]) is int:
+                user.replace_all_uses_with(value[user.args[1]])
+                graph.erase_node(user)
+            else:
+                user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
+                user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
     graph.erase_node(node)
-    return True

@@ -69,21 +69,22 @@ class _Tracked:
 
     # ------------------------------------------------------------------ container expansion
     def _expand(self) -> None:
-        """Replace calls of multi-block containers by their bodies until none is left (or can be)."""
-        opaque: set[str] = set()
+        """Replace calls of multi-block containers by their bodies until none is left (or can be).
+
+        A container that cannot be opened keeps its blocks as one local block; ``opaque`` says why.
+        """
+        self.opaque: dict[str, str] = {}
         changed = True
         while changed:
             changed = False
             for node in list(self.graph.nodes):
-                if node.op == "call_module" and node.target not in opaque and len(self.groups(node)) > 1:
-                    if self._inline(node):
+                if node.op == "call_module" and node.target not in self.opaque and len(self.groups(node)) > 1:
+                    try:
+                        inline_call(self.graph, node, self.obj(node), self.constants)
                         changed = True
-                    else:
-                        opaque.add(node.target)  # its blocks stay merged into one local block
+                    except TraceFailure as e:
+                        self.opaque[node.target] = str(e)
         self.graph.lint()
-
-    def _inline(self, node: fx.Node) -> bool:
-        return inline_call(self.graph, node, self.obj(node), self.constants)
 
 
 def _resolve(root: nn.Module, target: str) -> Any:
@@ -140,7 +141,7 @@ class _Cutter:
             return None  # a parameter used on both sides
         dependent = [n for n in live if self.depends[n]]
         if len(dependent) == 1 and self.valued[dependent[0]]:
-            return dependent[0]
+            return None if _unpacked(dependent[0]) else dependent[0]
         rest = [n for n in dependent if not self.fixable(n)]
         if len(rest) != 1 or rest[0].name not in self.probe().shapes:
             return None
@@ -310,6 +311,12 @@ class _Cutter:
         return sorted(seen, key=order), sorted(fixed, key=order)
 
 
+def _unpacked(node: fx.Node) -> bool:
+    """A value only ever indexed by integers: a tuple of tensors (PiT's (tokens, class tokens)), not one."""
+    return bool(node.users) and all(
+        u.op == "call_function" and u.target is operator.getitem and type(u.args[1]) is int for u in node.users)
+
+
 def _reads_shape(node: fx.Node) -> bool:
     """``x.shape`` / ``x.size()`` / ``x.dim()``: the result depends on the shape, not the values."""
     if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
@@ -346,7 +353,12 @@ class _ProbeValues:
             for batch in (1, 2):
                 recorder = _Recorder(module)
                 x = torch.randn(batch, *input_size, generator=generator, device=param.device).to(param.dtype)
-                run_on_probe(tracked.model, x, "forward_features", recorder.run, x)
+                run_on_probe(tracked.model, x, "forward_features", tracked.model.forward_features, x)
+                try:
+                    recorder.run(x)
+                except Exception as e:  # the model runs, its recorded glue does not (e.g. it mutates a list)
+                    raise TraceFailure(f"the traced forward_features does not run ({type(e).__name__}: "
+                                       f"{str(e).strip().splitlines()[0]})") from None
                 runs.append(recorder)
         self.values = runs[0].values
         self.shapes = runs[0].shapes
@@ -396,6 +408,10 @@ def cut_forward_features(model: nn.Module, input_size: Sequence[int]) -> NamedBl
     cutter = _Cutter(_Tracked(model), input_size)
     ranges = cutter.segments()
     if len(ranges) < 2:
+        tracked = cutter.t
+        if tracked.opaque:  # the blocks are inside a container that could not be opened
+            raise TraceFailure("; ".join(f"its blocks are inside {t}, which cannot be cut: {why}"
+                                         for t, why in tracked.opaque.items()))
         raise TraceFailure(
             f"forward_features of {type(model).__name__} has no single-tensor boundary between any two of "
             "its blocks (its blocks pass several tensors to each other), so it is one local block"

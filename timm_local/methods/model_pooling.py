@@ -39,9 +39,7 @@ def _pre_logits_graph(model: nn.Module) -> tuple[fx.Graph, dict[str, torch.Tenso
         changed = False
         for node in list(graph.nodes):
             if node.op == "call_module" and node.kwargs.get("pre_logits") is True:
-                module = model.get_submodule(node.target)
-                if not inline_call(graph, node, module, constants, _PRE_LOGITS):
-                    raise TraceFailure(f"cannot record the pre-logits path of {type(module).__name__}")
+                inline_call(graph, node, model.get_submodule(node.target), constants, _PRE_LOGITS)
                 changed = True
     if any(n.op == "get_attr" and n.target not in constants for n in graph.nodes):
         raise TraceFailure("forward_head reads parameters directly")
