@@ -149,8 +149,10 @@ def measure_block(
     nchw, nhwc = _is_map(h.shape[2], h.shape[3], height, width), _is_map(h.shape[1], h.shape[2], height, width)
     if nchw != nhwc:
         layout = "NCHW" if nchw else "NHWC"
+    elif previous in ("NCHW", "NHWC"):
+        layout = previous
     else:
-        layout = previous or ("NHWC" if "NHWC" in str(getattr(model, "output_fmt", "")) else "NCHW")
+        layout = "NHWC" if "NHWC" in str(getattr(model, "output_fmt", "")) else "NCHW"
     if layout == "NCHW":  # (reduction from the width, as it always was measured)
         chs, reduction = int(h.shape[1]), max(1, round(x.shape[-1] / h.shape[-1]))
     else:
@@ -159,10 +161,11 @@ def measure_block(
 
 
 def _is_map(h: int, w: int, height: int, width: int) -> bool:
-    """Whether (h, w) can be the spatial size of a feature map of an (height, width) image."""
+    """Whether (h, w) can be the spatial size of a feature map of an (height, width) image: the
+    image's aspect ratio, up to one position of rounding."""
     if not (0 < h <= height and 0 < w <= width):
         return False
-    return abs(height / h - width / w) <= 0.25 * max(height / h, width / w)
+    return abs(h * width - w * height) <= max(height, width)
 
 
 def run_on_probe(model: nn.Module, x: torch.Tensor, what: str, fn, *args: object) -> object:

@@ -34,12 +34,45 @@ class _GlueTracer(fx.Tracer):
     branches depend on shapes) stay opaque too; fx wraps them in the traced method's module.
     """
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, structures: dict[str, Any] | None = None) -> None:
         super().__init__(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
         self.traced_func_name = method
+        self.structures = structures or {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        """A module that returned a tuple in a concrete run gives a tuple of proxies, so glue may
+        unpack it (``x, size = embed(x)``; ``x.reshape(B, *size, -1)`` in Twins)."""
+        out = super().call_module(m, forward, args, kwargs)
+        structure = self.structures.get(self.path_of_module(m)) if self.structures else None
+        return _as_tuples(out, structure) if isinstance(structure, tuple) else out
+
+
+def _as_tuples(proxy: Any, structure: tuple) -> tuple:
+    return tuple(_as_tuples(proxy[i], s) if isinstance(s, tuple) else proxy[i] for i, s in enumerate(structure))
+
+
+def output_structures(module: nn.Module, method: str, example: torch.Tensor) -> dict[str, Any]:
+    """Qualified name -> nesting of each submodule's tuple outputs (None for a tensor), from one run."""
+    names = {m: n for n, m in module.named_modules() if n}
+    seen: dict[str, Any] = {}
+
+    def nest(value: Any) -> Any:
+        return tuple(nest(v) for v in value) if isinstance(value, (tuple, list)) else None
+
+    def record(m: nn.Module, args: Any, out: Any) -> None:  # (a hook that returns a value replaces the output)
+        seen.setdefault(names[m], nest(out))
+
+    handles = [m.register_forward_hook(record) for m in names]
+    try:
+        with training_mode(module, False), torch.no_grad():
+            getattr(module, method)(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
 
 
 def _defaults(module: nn.Module, method: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -84,11 +117,12 @@ def training_mode(module: nn.Module, training: bool) -> Iterator[None]:
 
 
 def _trace_once(
-    module: nn.Module, method: str, overrides: dict[str, Any]
+    module: nn.Module, method: str, overrides: dict[str, Any], structures: dict[str, Any] | None
 ) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
     before = set(vars(module))
     try:
-        graph = _GlueTracer(method).trace(module, concrete_args=_defaults(module, method, overrides) or None)
+        tracer = _GlueTracer(method, structures)
+        graph = tracer.trace(module, concrete_args=_defaults(module, method, overrides) or None)
     except TraceFailure:
         raise
     except Exception as e:  # fx raises many exception types for untraceable Python code
@@ -105,7 +139,8 @@ def _trace_once(
 
 
 def trace_method(
-    module: nn.Module, method: str = "forward", overrides: dict[str, Any] | None = None
+    module: nn.Module, method: str = "forward", overrides: dict[str, Any] | None = None,
+    example: torch.Tensor | None = None,
 ) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
     """``module.<method>(x)`` as (graph, tensor constants); raises :class:`TraceFailure` if it cannot.
 
@@ -113,12 +148,22 @@ def trace_method(
     Targets of ``call_module`` / ``get_attr`` nodes are relative to ``module``; ``constants``
     holds the tensors fx had to store as constants (keyed by their ``get_attr`` target). The glue
     is traced in train and in eval mode and must be the same: a segment of it runs in both.
+    With an ``example`` input, glue that unpacks a module's tuple output with ``*`` or ``len``
+    (Twins) is traced again with the tuples one concrete run of the method shows.
     """
     overrides = dict(overrides or {})
-    with training_mode(module, True):
-        graph, constants = _trace_once(module, method, overrides)
+    structures = None
+    try:
+        with training_mode(module, True):
+            graph, constants = _trace_once(module, method, overrides, structures)
+    except TraceFailure:
+        if example is None:
+            raise
+        structures = output_structures(module, method, example)  # retry, unpacking tuple outputs
+        with training_mode(module, True):
+            graph, constants = _trace_once(module, method, overrides, structures)
     with training_mode(module, False):
-        eval_graph, _ = _trace_once(module, method, overrides)
+        eval_graph, _ = _trace_once(module, method, overrides, structures)
     if graph.python_code("self").src != eval_graph.python_code("self").src:
         raise TraceFailure(f"{type(module).__name__}.{method} runs different code in train and eval mode")
     return graph, constants

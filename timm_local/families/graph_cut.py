@@ -39,11 +39,13 @@ NamedBlocks = list[tuple[str, nn.Module]]
 class _Tracked:
     """The traced graph of ``forward_features`` and what is known about its nodes."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, input_size: Sequence[int]) -> None:
         self.model = model
         groups = parameter_groups(model)
         self.param_group: dict[int, Optional[int]] = {id(p): groups.get(n) for n, p in model.named_parameters()}
-        self.graph, self.constants = trace_method(model, "forward_features")
+        param = next(model.parameters())
+        example = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
+        self.graph, self.constants = trace_method(model, "forward_features", example=example)
         self._expand()
 
     # ------------------------------------------------------------------ module facts
@@ -405,7 +407,7 @@ def _equal(a: Any, b: Any) -> bool:
 def cut_forward_features(model: nn.Module, input_size: Sequence[int]) -> NamedBlocks:
     """(name, module) of the local blocks of ``model`` for ``(C, H, W)`` inputs; raises
     :class:`TraceFailure` with the reason when it cannot cut the model."""
-    cutter = _Cutter(_Tracked(model), input_size)
+    cutter = _Cutter(_Tracked(model, input_size), input_size)
     ranges = cutter.segments()
     if len(ranges) < 2:
         tracked = cutter.t
