@@ -262,3 +262,21 @@ def test_token_projections_keep_class_tokens_and_resample_the_grid() -> None:
     assert hybrid(torch.randn(2, 32, 28, 28)).shape == (2, 197, 64)
     with pytest.raises(ValueError, match="cannot project"):
         ShapeProjection(spec("NLC", (1000, 64)), spec("NLC", (197, 64)))  # no grid (961 < 1000 - 16), far apart
+
+
+@pytest.mark.parametrize("name, blocks", [
+    ("vit_tiny_patch16_dinov3_qkvb", lambda m: 1 + len(m.blocks)),  # EVA: a rotary table for the token grid
+    ("xcit_nano_12_p8_224", lambda m: 1 + len(m.blocks) + len(m.cls_attn_blocks)),  # grid size (Hp, Wp)
+])
+def test_values_of_the_input_shape_cross_block_boundaries(name: str, blocks) -> None:
+    """Glue values that depend only on the input's shape are fixed at the probe size (checked on
+    the block's input), and the batch size is read off each block's input."""
+    model = timm.create_model(name, num_classes=NUM_CLASSES).eval()
+    p = partition(model, input_size=(3, 64, 64))
+    assert len(p) == blocks(model), p.names
+    x = torch.randn(3, 3, 64, 64)  # a batch size the probes did not use
+    with torch.no_grad():
+        assert torch.allclose(p.forward_features(x), model.forward_features(x), atol=1e-5)
+        wrong = torch.randn(3, p.specs[1].shape[0] + 3, p.specs[1].shape[1])
+        with pytest.raises(ValueError, match="input_size="):
+            p.blocks[2](wrong)

@@ -29,7 +29,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .block_groups import compute_layers, parameter_groups
-from .fx_trace import TraceFailure, inline_call, trace_method, training_mode
+from .fx_trace import TraceFailure, inline_call, trace_method
+from .probe_values import ProbeValues, check_input_shape
 
 __all__ = ["cut_forward_features"]
 
@@ -102,7 +103,7 @@ class _Cutter:
     def __init__(self, tracked: _Tracked, input_size: Sequence[int]) -> None:
         self.t = tracked
         self.input_size = tuple(input_size)
-        self._probe: Optional[_ProbeValues] = None
+        self._probe: Optional[ProbeValues] = None
         nodes = list(tracked.graph.nodes)
         self.input = next(n for n in nodes if n.op == "placeholder")
         self.output = next(n for n in nodes if n.op == "output")
@@ -126,9 +127,10 @@ class _Cutter:
             self.carries[n] = bool(tracked.params(n)) or (not _reads_shape(n) and any(self.carries[a] for a in inputs))
         self.last_use = {n: max((self.index[u] for u in n.users), default=-1) for n in [self.input, *self.body]}
 
-    def probe(self) -> "_ProbeValues":
+    def probe(self) -> ProbeValues:
         if self._probe is None:
-            self._probe = _ProbeValues(self.t, self.input_size)
+            root = {n.target: self.t.obj(n) for n in self.t.graph.nodes if n.op in ("call_module", "get_attr")}
+            self._probe = ProbeValues(self.t.model, self.t.graph, root, self.input_size)
         return self._probe
 
     def crossing(self, p: int) -> Optional[fx.Node]:
@@ -136,7 +138,7 @@ class _Cutter:
 
         Besides it, only values that need no input (recomputed after the cut) or that depend on the
         input's *shape* alone (a rotary embedding for the token grid, a grid size: fixed at the probe
-        size, see :class:`_ProbeValues`) may be live, and none of them may hold a parameter.
+        size, see :class:`~.probe_values.ProbeValues`) may be live, and none of them may hold a parameter.
         """
         live = [n for n in [self.input, *self.body[: p + 1]] if self.last_use[n] > p]
         if any(self.carries[n] for n in live if not self.depends[n]):
@@ -324,84 +326,6 @@ def _reads_shape(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
         return True
     return node.op == "call_method" and node.target in ("size", "dim")
-
-
-def check_input_shape(x: torch.Tensor, expected: tuple[int, ...]) -> None:
-    """Guard of a block that holds values fixed at the partition's probe size (see _ProbeValues)."""
-    if tuple(x.shape[1:]) != tuple(expected):
-        raise ValueError(
-            f"this local block was cut for inputs of shape (B, {', '.join(map(str, expected))}) and got "
-            f"{tuple(x.shape)}: build the LocalModel with input_size= the size of the training images")
-
-
-class _ProbeValues:
-    """Values of the traced graph on probe inputs of batch 1 and 2, at the partition's input size.
-
-    A value that depends on the input's shape only (a rotary position table for the token grid, a
-    grid size passed to every block) may cross a block boundary when it is the same for both batch
-    sizes: the block after the cut takes it as a constant, valid for inputs of the probe's size,
-    which the block checks (:func:`check_input_shape`).
-    """
-
-    def __init__(self, tracked: _Tracked, input_size: tuple[int, ...]) -> None:
-        from ..partition import run_on_probe  # (the partition module imports the families)
-
-        root = {n.target: tracked.obj(n) for n in tracked.graph.nodes if n.op in ("call_module", "get_attr")}
-        module = fx.GraphModule(root, tracked.graph)
-        param = next(tracked.model.parameters())
-        runs = []
-        generator = torch.Generator(param.device).manual_seed(0)  # (the global random state stays untouched)
-        with training_mode(tracked.model, False), torch.no_grad():
-            for batch in (1, 2):
-                recorder = _Recorder(module)
-                x = torch.randn(batch, *input_size, generator=generator, device=param.device).to(param.dtype)
-                run_on_probe(tracked.model, x, "forward_features", tracked.model.forward_features, x)
-                try:
-                    recorder.run(x)
-                except Exception as e:  # the model runs, its recorded glue does not (e.g. it mutates a list)
-                    raise TraceFailure(f"the traced forward_features does not run ({type(e).__name__}: "
-                                       f"{str(e).strip().splitlines()[0]})") from None
-                runs.append(recorder)
-        self.values = runs[0].values
-        self.shapes = runs[0].shapes
-        self._same = {k for k, v in runs[0].values.items() if _equal(v, runs[1].values.get(k))}
-        self._batch = {k for k, v in runs[0].values.items()
-                       if type(v) is int and v == 1 and runs[1].values.get(k) == 2}
-
-    def is_batch(self, node: fx.Node) -> bool:
-        """An integer equal to the batch size at both probes (``B = x.shape[0]``)."""
-        return node.name in self._batch
-
-    def fixed(self, node: fx.Node) -> bool:
-        return node.name in self._same
-
-
-class _Recorder(fx.Interpreter):
-    """Keeps non-tensor results and small tensors (the candidates for fixing), and every shape."""
-
-    def __init__(self, module: fx.GraphModule) -> None:
-        super().__init__(module)
-        self.values: dict[str, Any] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if isinstance(out, torch.Tensor):
-            self.shapes[n.name] = tuple(out.shape)
-            if out.numel() <= 1 << 20:
-                self.values[n.name] = out
-        elif isinstance(out, (int, float, bool, tuple, list, torch.Size)) or out is None:
-            self.values[n.name] = out
-        return out
-
-
-def _equal(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    try:
-        return bool(a == b)
-    except Exception:  # values without a usable == (nested tensors)
-        return False
 
 
 def cut_forward_features(model: nn.Module, input_size: Sequence[int]) -> NamedBlocks:
