@@ -94,6 +94,8 @@ def _error(e: BaseException) -> dict[str, str]:
 
 def run_one(name: str) -> dict[str, Any]:
     """Steps 2-4 for one model (run in a child process)."""
+    import copy
+
     import timm
     import torch
 
@@ -105,15 +107,16 @@ def run_one(name: str) -> dict[str, Any]:
     row: dict[str, Any] = {"model": name}
     start = time.perf_counter()
     try:
-        model = timm.create_model(name, num_classes=NUM_CLASSES)
-        row["class"] = type(model).__name__
-        size = smallest_size(model)
+        initial = timm.create_model(name, num_classes=NUM_CLASSES)
+        row["class"] = type(initial).__name__
+        size = smallest_size(initial)
         row["input_size"] = size
         input_size = (3, size, size)
         x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(1))
         y = torch.tensor([1, 2])
         for method in METHODS:
             kwargs = {"aux_depth": 3} if method == "auglocal" else {}
+            model = copy.deepcopy(initial)  # every method starts from the same initialisation
             try:
                 lm = timm_local.create_local_model(model, method, input_size=input_size, **kwargs)
                 row["family"], row["local_blocks"] = lm.partition.adapter.name, len(lm.partition)
@@ -134,8 +137,6 @@ def run_one(name: str) -> dict[str, Any]:
             except Exception as e:  # recorded, the sweep goes on
                 row[method] = "failed"
                 row[f"{method}_error"] = _error(e)
-            finally:
-                model.train()
     except Exception as e:
         row["setup_error"] = _error(e)
     if row.get("auglocal_gmacs") and row.get("bp_gmacs"):
@@ -200,6 +201,11 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "`python benchmarks/timm_coverage.py` on this 2-core CPU machine "
         f"(timm {meta['timm']}, torch {meta['torch']}); how models and sizes are chosen: the script's docstring.",
         "",
+    ]
+    if meta.get("re_measured"):
+        lines += [f"Re-measured with `--update` after a fix of the sweep itself (each method now starts from "
+                  f"the same initialisation): {', '.join(meta['re_measured'])}.", ""]
+    lines += [
         "| module | model | class | size | family | blocks | AugLocal MACs / BP | auglocal | bp | dgl | error |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -220,6 +226,8 @@ def main() -> None:
     parser.add_argument("--modules", nargs="*", help="timm model modules (default: all of timm.list_modules())")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per model")
     parser.add_argument("--out", type=Path, default=RESULTS / "timm_coverage", help="output path without suffix")
+    parser.add_argument("--update", action="store_true",
+                        help="re-measure --modules and keep the other rows of the existing results")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_one:
@@ -228,14 +236,18 @@ def main() -> None:
     import timm
     import torch
 
-    rows = []
+    previous = json.loads(args.out.with_suffix(".json").read_text()) if args.update else {"results": [], "meta": {}}
+    measured = {}
     for module in args.modules or timm_modules():
         name, params = smallest_model(module)
         row = {"module": module, **run_isolated(name, args.timeout), "params_m": round(params / 1e6, 3)}
-        rows.append(row)
+        measured[module] = row
         print(f"{module:28s} {name:40s} {row['status']:7s} {first_error(row)[:150]}", flush=True)
+    rows = [measured.pop(r["module"], r) for r in previous["results"]] + list(measured.values())
     meta = {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
             "aux_depth": 3, "methods": list(METHODS), "machine": "2-core CPU, one thread per model"}
+    if args.update:
+        meta["re_measured"] = sorted(set(previous["meta"].get("re_measured", [])) | set(args.modules or []))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(to_markdown(rows, meta))

@@ -69,6 +69,9 @@ def output_structures(module: nn.Module, method: str, example: torch.Tensor) -> 
     try:
         with training_mode(module, False), torch.no_grad():
             getattr(module, method)(example)
+    except Exception as e:  # the model itself does not run at this size
+        raise TraceFailure(f"{type(module).__name__}.{method} does not run on inputs of shape "
+                           f"{tuple(example.shape[1:])} ({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
     finally:
         for h in handles:
             h.remove()

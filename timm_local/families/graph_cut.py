@@ -7,10 +7,12 @@ Three facts are combined, each from timm or from the model itself:
   (:func:`~.fx_trace.trace_method`), every module call one node. A call of a container whose
   parameters span several blocks (``stages``, a stage, an ``encoder``) is replaced by its own
   traced body, recursively, until every module call lies inside one block;
-* **where a cut is possible**: after a node at which exactly one value that depends on the input
-  is still needed later (the block boundary is a single tensor), and no parameter is used on both
-  sides. The cut between two consecutive blocks is put as late as possible, so parameter-free glue
-  (a position-embedding dropout, a permute, a pool) runs with the block before it.
+* **where a cut is possible**: after a node at which exactly one tensor that depends on the
+  input's values is still needed later (the block boundary is a single tensor, never a tuple),
+  and no parameter is used on both sides. Values of the input's shape alone may cross too
+  (:mod:`.probe_values`). The cut between two consecutive blocks is put as late as possible, so
+  parameter-free glue (a position-embedding dropout, a permute, a pool) runs with the block
+  before it.
 
 Blocks with no convolution or linear layer (a lone final norm) join the block before them; a
 segment with a single one (a stage's downsampling conv, a patch merging) joins the block after
@@ -44,7 +46,9 @@ class _Tracked:
         self.model = model
         groups = parameter_groups(model)
         self.param_group: dict[int, Optional[int]] = {id(p): groups.get(n) for n, p in model.named_parameters()}
-        param = next(model.parameters())
+        param = next(model.parameters(), None)
+        if param is None:
+            raise TraceFailure(f"{type(model).__name__} has no parameters to train")
         example = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
         self.graph, self.constants = trace_method(model, "forward_features", example=example)
         self._expand()
