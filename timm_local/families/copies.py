@@ -45,10 +45,12 @@ def reinitialise(module: nn.Module, model: nn.Module) -> None:
     In order: each submodule's own ``reset_parameters()`` (PyTorch layers, timm layers such as
     LayerScale), then the model's own per-module init where timm has one (``_init_weights``: e.g.
     ViT's truncated-normal linears). A parameter neither touched -- a bare ``nn.Parameter`` of a
-    model's own block class -- is re-drawn as timm initialises such tensors by default: truncated
-    normal (std 0.02) when it is a matrix or more, its original constant when it was constant
-    (a layer-scale ``gamma``), else normal (std 0.02). Which tensors were written is read from
-    their version counters, so a deliberate constant init (ones, zeros) counts as re-initialised.
+    model's own block class: ConvNeXt's and CaiT's layer-scale ``gamma``, XCiT's ``temperature``,
+    EfficientFormer's attention biases -- is re-drawn as timm initialises such tensors by default:
+    truncated normal (std 0.02) when it is a matrix or more; a vector keeps its value only while the
+    primary still holds one constant there (an untrained model: that is timm's init value) and is
+    drawn normal (std 0.02) otherwise. Which tensors were written is read from their version
+    counters, so a deliberate constant init (ones, zeros) counts as re-initialised.
     """
     params = list(module.named_parameters())
     versions = {id(p): p._version for _, p in params}
