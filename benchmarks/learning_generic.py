@@ -100,6 +100,8 @@ def main() -> None:
             run = run_args(args, model, kwargs)
             (Path(run.runs_dir) / args.dataset).mkdir(parents=True, exist_ok=True)
             row = run_one(run, spec, args.seed, data_dir)
+            # the run folder relative to --runs-dir (no machine paths in the saved results)
+            row["run_dir"] = Path(row["run_dir"]).relative_to(args.runs_dir).as_posix()
             row.update(model=model, model_kwargs=kwargs, local_blocks=local_blocks(model, kwargs))
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("model", "method", "final_top1", "train_time_s")}), flush=True)
