@@ -65,6 +65,13 @@ def register_family(adapter_cls: _A) -> _A:
     return adapter_cls
 
 
+def unregister_family(adapter_cls: type[FamilyAdapter]) -> None:
+    """Remove what ``register_family(adapter_cls)`` registered (an experiment in a notebook or a test)."""
+    for cls in adapter_cls.model_classes:
+        if type(_ADAPTERS.get(cls)) is adapter_cls:
+            del _ADAPTERS[cls]
+
+
 def list_families() -> list[str]:
     """Names of the registered families, sorted."""
     return sorted({a.name for a in _ADAPTERS.values()})
