@@ -129,6 +129,10 @@ def verify_checkpoint(checkpoint: Union[str, Path]) -> dict[str, Any]:
     """
     checkpoint = Path(checkpoint)
     meta = read_checkpoint_meta(checkpoint)
+    step = meta.get("train_state", {}).get("global_step")
+    if checkpoint.name[len(CHECKPOINT_PREFIX):].isdigit() and step is not None and step != checkpoint_step(checkpoint):
+        raise CheckpointError(f"{checkpoint / META_NAME} describes step {step}, not the folder's step (a renamed or "
+                              f"copied checkpoint)")
     manifest = meta.get("files")
     for name in _expected_files(meta):
         path = checkpoint / name

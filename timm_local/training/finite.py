@@ -16,10 +16,10 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from .checkpoint import CheckpointError, checkpoint_folders, load_model_state, verify_checkpoint
+from .checkpoint import CheckpointError, checkpoint_folders, checkpoint_step, load_model_state, verify_checkpoint
 
-__all__ = ["FINITE_KEY", "FiniteGuard", "NonFiniteLossError", "all_finite", "last_finite_checkpoint",
-           "non_finite_advice", "non_finite_message"]
+__all__ = ["FINITE_KEY", "FiniteGuard", "NonFiniteLossError", "all_finite", "good_checkpoint", "inputs_not_finite",
+           "last_finite_checkpoint", "non_finite_advice", "non_finite_message"]
 
 #: ``checkpoint_meta.json`` key: the state was checked finite before it was written.
 FINITE_KEY = "verified_finite"
@@ -90,10 +90,12 @@ class FiniteGuard:
         return None if all_finite(t for _, t in named) else _describe(named)
 
 
-def last_finite_checkpoint(output_dir: Path) -> Optional[Path]:
+def last_finite_checkpoint(output_dir: Path, below: Optional[int] = None) -> Optional[Path]:
     """The newest checkpoint of a run that verifies and holds only finite weights (checked when written, or
-    now for checkpoints written before that check existed)."""
+    now for checkpoints written before that check existed), of a step below ``below`` if given."""
     for folder in reversed(checkpoint_folders(output_dir)):
+        if below is not None and checkpoint_step(folder) >= below:
+            continue
         try:
             meta = verify_checkpoint(folder)
         except (FileNotFoundError, CheckpointError):
@@ -103,9 +105,13 @@ def last_finite_checkpoint(output_dir: Path) -> Optional[Path]:
     return None
 
 
+def inputs_not_finite(inputs: Any) -> bool:
+    return torch.is_tensor(inputs) and inputs.is_floating_point() and not bool(torch.isfinite(inputs).all())
+
+
 def non_finite_advice(cfg: Any, inputs: Any) -> str:
     """The flag to change, from what the failure looks like."""
-    if torch.is_tensor(inputs) and inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+    if inputs_not_finite(inputs):
         return ("the input batch itself is not finite: fix the normalisation, --mean/--std (this run: "
                 f"--std {cfg.std if cfg.std is not None else 'the dataset default'})")
     if cfg.mixed_precision == "fp16":
@@ -118,10 +124,20 @@ def non_finite_message(what: str, epoch: int, step: int, checkpoint: Optional[Pa
                        advice: str) -> str:
     """The error of a non-finite stop: where, which checkpoint is good, what to change, how to resume."""
     if checkpoint is None:
-        where = "No checkpoint was written yet; fix it and start again: "
-        resume = ""
+        where = "No checkpoint to resume from was written yet; "
+        resume = ", then start the run again"
     else:
-        where = f"The last checkpoint verified finite is {checkpoint}; "
-        resume = f", then resume with --resume {'auto' if newest else checkpoint}"
+        where = f"Checkpoint {checkpoint} is finite and its weights gave a finite step; "
+        resume = f", then resume from it with --resume {'auto' if newest else checkpoint}"
     return (f"Non-finite {what} at epoch {epoch}, step {step}. Training stopped before the optimizer step; nothing "
             f"non-finite was saved. {where}{advice}{resume}.")
+
+
+def good_checkpoint(output_dir: Path, step: int, inputs: Any) -> Optional[Path]:
+    """The checkpoint a non-finite stop at ``step`` should resume from.
+
+    When the inputs are finite, the weights are the suspect: the checkpoint of ``step`` itself holds the
+    weights the failing step started from (finite, but exploding), so the newest one before it is named --
+    its weights gave a finite step. Bad inputs leave the weights innocent: the newest finite checkpoint.
+    """
+    return last_finite_checkpoint(output_dir, below=None if inputs_not_finite(inputs) else step)

@@ -26,8 +26,7 @@ from .builders import (build_local_model, check_precision, eval_batch_size, free
                        make_loader, prepare_optimization, restart_schedule, run_datasets)
 from .checkpoint import latest_checkpoint, save_checkpoint
 from .evaluate import evaluate
-from .finite import (FINITE_KEY, FiniteGuard, NonFiniteLossError, last_finite_checkpoint, non_finite_advice,
-                     non_finite_message)
+from .finite import FINITE_KEY, FiniteGuard, NonFiniteLossError, good_checkpoint, non_finite_advice, non_finite_message
 from .metrics import METRICS_NAME, MetricsLog, TrainWindow, scalar_config, tracker_names
 from .resume import discard_newer_checkpoints, resolve_resume, resume_state, run_history, run_meta
 from .run import EXPORT_DIR, export_trained
@@ -104,7 +103,7 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
 
     def stop(what: str, inputs: Any = None) -> NonFiniteLossError:
         """The non-finite stop: logged, trackers ended; the caller raises it."""
-        good = last_finite_checkpoint(output_dir)
+        good = good_checkpoint(output_dir, state.global_step, inputs)
         msg = non_finite_message(what, state.epoch, state.global_step, good, good == latest_checkpoint(output_dir),
                                  non_finite_advice(cfg, inputs))
         metrics.log({"kind": "error", "epoch": state.epoch, "step": state.global_step, "error": msg})
