@@ -250,7 +250,7 @@ def load_yaml(path: Union[str, Path]) -> dict[str, Any]:
         raise FileNotFoundError(f"config file not found: {path}")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config must be a YAML mapping, got {type(data).__name__}")
+        raise ConfigError(f"{path}: a config must be a YAML mapping, got {type(data).__name__}")
     bases = data.pop("_base_", [])
     merged: dict[str, Any] = {}
     for base in [bases] if isinstance(bases, str) else bases:
@@ -285,7 +285,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     base, optional = _unwrap_optional(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if not optional:
-            raise ValueError(f"config key {name!r} may not be null")
+            raise ConfigError(f"config key {name!r} may not be null")
         return None
     try:
         if base is bool:
@@ -312,7 +312,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
                 raise ValueError(value)
             return value
     except (TypeError, ValueError):
-        raise ValueError(f"config key {name!r}: cannot use {value!r} as {getattr(base, '__name__', base)}") from None
+        raise ConfigError(f"config key {name!r}: cannot use {value!r} as {getattr(base, '__name__', base)}") from None
     return value
 
 
@@ -321,7 +321,7 @@ def config_from_dict(values: dict[str, Any], base: Optional[TrainConfig] = None)
     names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; valid keys: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {', '.join(sorted(names))}")
     types_ = _field_types()
     cfg = dataclasses.replace(base) if base is not None else TrainConfig()
     for k, v in values.items():

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, TrainConfig
-from ..data import DataConfig, create_datasets
+from ..data import CorruptImageError, DataConfig, create_datasets
 from ..methods.base import method_hyperparameters
 from .checkpoint import register_for_checkpointing
 from .metrics import tracker_names
@@ -120,12 +120,17 @@ def build_local_model(cfg: TrainConfig, data: DataConfig) -> Any:
 
 def run_datasets(cfg: TrainConfig) -> tuple[Any, Any, DataConfig]:
     """The train and test sets of a run, exactly as its config describes them (both engines, diagnostics)."""
-    train_set, test_set, data = create_datasets(
-        cfg.dataset, cfg.data_dir, image_size=cfg.image_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
-        augment=cfg.augment, seed=cfg.seed, mean=cfg.mean, std=cfg.std, image_column=cfg.image_column,
-        label_column=cfg.label_column)
+    try:
+        train_set, test_set, data = create_datasets(
+            cfg.dataset, cfg.data_dir, image_size=cfg.image_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
+            augment=cfg.augment, seed=cfg.seed, mean=cfg.mean, std=cfg.std, image_column=cfg.image_column,
+            label_column=cfg.label_column)
+    except CorruptImageError:
+        raise
+    except ValueError as e:  # a dataset that does not fit the run's settings (classes, columns, layout)
+        raise ConfigError(str(e)) from e
     if len(train_set) < cfg.batch_size:
-        raise ValueError(f"the training set has {len(train_set)} images, fewer than one batch ({cfg.batch_size}); "
+        raise ConfigError(f"the training set has {len(train_set)} images, fewer than one batch ({cfg.batch_size}); "
                          f"lower --batch-size")
     return train_set, test_set, data
 
