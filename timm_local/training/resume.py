@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -137,23 +138,21 @@ def run_meta(cfg: TrainConfig, lm: Any, data: Any, world: int) -> dict[str, Any]
     }
 
 
-def _flags(keys: list[str]) -> str:
-    return ", ".join(f"--{k.replace('_', '-')}" for k in keys)
+def _refusal(checkpoint: Path, what: str, differences: list[tuple[str, Any, Any]], advice: str
+             ) -> CheckpointMismatchError:
+    details = "; ".join(f"{k}: checkpoint has {was!r}, this run has {now!r}" for k, was, now in differences)
+    return CheckpointMismatchError(f"Refusing to resume from {checkpoint}{what} ({details}). {advice}")
 
 
 def check_compatible(meta: dict[str, Any], expected: dict[str, Any], checkpoint: Path) -> None:
     """Refuse checkpoints whose weights belong to another model/method/classifier."""
-    import json
-
     expected = json.loads(json.dumps(expected))  # compare as stored (tuples -> lists)
-    wrong = [k for k in ("model", "method", "method_config", "num_classes", "in_chans")
+    wrong = [(k, meta[k], expected[k]) for k in ("model", "method", "method_config", "num_classes", "in_chans")
              if k in meta and meta[k] != expected[k]]
     if wrong:
-        details = "; ".join(f"{k}: checkpoint has {meta[k]!r}, this run has {expected[k]!r}" for k in wrong)
-        raise CheckpointMismatchError(
-            f"Refusing to resume from {checkpoint}: it was written by a different run ({details}). "
-            f"Resume with the same --model/--method/--aux-depth/--tau/--num-classes, or start a new run in "
-            f"another --output-dir.")
+        raise _refusal(checkpoint, ": it was written by a different run", wrong,
+                       "Resume with the same --model/--method/--aux-depth/--tau/--num-classes, or start a new run "
+                       "in another --output-dir.")
     if meta.get("num_processes", expected["num_processes"]) != expected["num_processes"]:
         logger.warning("resuming with %d processes a checkpoint written by %d (same global batch; the RNG states of "
                        "processes the checkpoint lacks start fresh)", expected["num_processes"], meta["num_processes"])
@@ -168,11 +167,11 @@ def resume_changes(meta: dict[str, Any], cfg: TrainConfig, checkpoint: Path) -> 
     if precision and "fp16" in (precision["was"], precision["now"]):
         refused.append("mixed_precision")  # the grad scaler's state exists only in fp16 checkpoints
     if refused:
-        details = "; ".join(f"{k}: checkpoint {changes[k]['was']!r}, now {changes[k]['now']!r}" for k in refused)
-        raise CheckpointMismatchError(
-            f"Refusing to resume from {checkpoint} with a changed {_flags(refused)} ({details}): the checkpoint's "
-            f"optimizer state and data order belong to the old value. Resume with the value it was trained with "
-            f"(drop the flag), or start a new run in another --output-dir.")
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in refused)
+        raise _refusal(checkpoint, f" with a changed {flags}",
+                       [(k, changes[k]["was"], changes[k]["now"]) for k in refused],
+                       "The checkpoint's optimizer state and data order belong to the old value: resume with the "
+                       "value it was trained with (drop the flag), or start a new run in another --output-dir.")
     done = int(meta.get("train_state", {}).get("epoch", 0))
     if cfg.epochs < done:
         raise CheckpointMismatchError(f"Refusing to resume from {checkpoint}: it has trained {done} epochs already, "
