@@ -131,7 +131,9 @@ def kill_once(out: Path, phase: str, rng: random.Random, args: argparse.Namespac
         wait_until(training, proc, 300)
         wait_until(lambda: False, proc, rng.uniform(0.0, 1.5))
     else:
-        hit = wait_until(lambda: training() and any(n.startswith(marker) for n in in_checkpoints(out)), proc, 300)
+        writing = lambda: any(n.startswith(marker) and not n.endswith("(left over)")  # noqa: E731
+                              for n in in_checkpoints(out, since=t0))
+        hit = wait_until(lambda: training() and writing(), proc, 300)
         if hit:
             wait_until(lambda: False, proc, rng.uniform(0.0, 2 * args.io_pause))
     if proc.poll() is not None:

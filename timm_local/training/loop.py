@@ -120,6 +120,7 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
         path = save_checkpoint(accelerator, output_dir, state, {**meta, FINITE_KEY: True}, cfg.keep_checkpoints)
         logger.info("checkpoint (%s): %s", reason, path)
         return path
+
     def run_eval(epoch_done: int) -> dict[str, Any]:
         runner.consolidate(optimizer)
         result = evaluate(lm, test_loader, accelerator, heads=cfg.eval_heads)
