@@ -203,6 +203,10 @@ def write_report(result: dict[str, Any], stem: Path) -> None:
         "- final state vs the uninterrupted run, bitwise: " + ", ".join(
             f"{k} {'equal' if v else 'DIFFERENT'}" for k, v in result["bitwise_equal"].items()),
         f"- wall time {result['wall_s']:.0f} s", "",
+        "*on disk at the kill*: the checkpoints folder when the process was killed; `.tmp-*` is a save in progress, "
+        "`.old-*` a deletion in progress (rotation, or clearing what an earlier kill left), *(left over)* marks "
+        "entries already there when the killed process started. *lost*: steps done by the killed process beyond "
+        "the checkpoint the next resume starts from.", "",
         "| # | phase | s after launch | started at step | killed at step | on disk at the kill | resumed from | lost |",
         "|---|---|---|---|---|---|---|---|",
     ]
