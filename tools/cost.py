@@ -26,13 +26,14 @@ from typing import Any
 import torch
 
 import timm_local
+from timm_local.cli import ArgumentParser, command_line_errors, handle_errors
 from timm_local.cost import cost_report
 from timm_local.process_cost import StepCase
 from timm_local.memory import format_bytes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet110_cifar")
     p.add_argument("--method", default="auglocal", choices=timm_local.list_methods())
     p.add_argument("--aux-depth", type=int, default=None, help="the paper's d, counting the final linear layer")
@@ -95,5 +96,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a user error is one line on stderr, exit code 2 (--debug: the traceback)
+    sys.exit(handle_errors(lambda argv: main(argv) and 0, None, command_line_errors()))
