@@ -7,7 +7,17 @@ DET_STAMP := $(VENV)/.detectron2
 RUN_DIR ?= runs/make-run
 DET_DEMO_DIR ?= runs/det-demo
 
-.PHONY: install install-det run det-demo test test-slow clean
+# The CPU launch route (docs/memory.md): PyTorch's CPU launcher with tcmalloc preloaded, which keeps the
+# activation memory local learning frees from staying in the process (glibc's malloc keeps most of it).
+# run_cpu finds tcmalloc as $$VIRTUAL_ENV/lib/libtcmalloc.so, which `make allocator` links there. It needs
+# Linux (lscpu, taskset, LD_PRELOAD); elsewhere the scripts run under plain python.
+ifeq ($(shell uname -s),Linux)
+LAUNCH ?= VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/python -m torch.backends.xeon.run_cpu --enable-tcmalloc
+else
+LAUNCH ?= $(BIN)/python
+endif
+
+.PHONY: install install-det allocator print-launch run det-demo test test-slow clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,11 +35,19 @@ $(DET_STAMP): $(STAMP) det/install_detectron2.sh
 
 install-det: $(DET_STAMP)
 
-# A short real AugLocal run on scikit-learn's digits (ships with a dependency: no download).
-# RUN_DIR is a demo folder, started afresh each time.
-run: install
+# tcmalloc and jemalloc from the Debian packages (installed where missing and possible), linked into
+# $(VENV)/lib for the launcher; says how to install them where it cannot, and never fails the build.
+allocator:
+	@bash tools/install_allocator.sh $(VENV)/lib
+
+print-launch:
+	@echo '$(LAUNCH)'
+
+# A short real AugLocal run on scikit-learn's digits (ships with a dependency: no download), through the
+# CPU launch route above. RUN_DIR is a demo folder, started afresh each time.
+run: install allocator
 	rm -rf $(RUN_DIR)
-	$(BIN)/python tools/train.py --config configs/quick/digits_resnet20_auglocal.yaml --output-dir $(RUN_DIR)
+	$(LAUNCH) tools/train.py --config configs/quick/digits_resnet20_auglocal.yaml --output-dir $(RUN_DIR)
 
 # The detection counterpart of `make run`: a ResNet-34 trained with AugLocal on digits, exported, then
 # Mask R-CNN R34-FPN trained on it for 60 iterations on a generated COCO-format set; prints the AP table.

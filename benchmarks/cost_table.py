@@ -7,7 +7,10 @@ InfoPro, AugLocal d=2..6 by default) is built from the same seed and measured in
   ``gmacs_train`` (everything a training forward runs) and ``step_gmacs`` (one whole training
   step, forward + backward, counted at the ATen level: the "MAC ratio of a training step");
 * parameters of the backbone and of the auxiliary networks;
-* peak memory of one training step above what was live before it (``timm_local.cost``);
+* peak memory of one training step above what was live before it (``timm_local.cost``): the live-tensor
+  peak, and the process-level peak of a fresh process per method (SGD steps; peak RSS minus the RSS
+  before the first step on CPU, ``max_memory_reserved`` on CUDA), which depends on the allocator the
+  script is launched with (docs/memory.md);
 * median wall-clock time of a training step (forward + local backwards; no optimizer step),
   with the methods *interleaved* round by round (the order rotates every round) after a
   warm-up, so that drifting machine load hits every method alike.
@@ -25,21 +28,19 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 
 import timm_local
-from timm_local.cost import count_macs, macs_per_sample, median_step_time, parameter_counts, peak_step_memory
+from timm_local.cost import (count_macs, describe_machine, macs_per_sample, median_step_time, parameter_counts,
+                             peak_step_memory, profile_step)
+from timm_local.process_cost import StepCase, process_step_memory
 
 DEFAULT_METHODS = "bp,checkpoint,predsim,dgl,infopro,auglocal:2,auglocal:3,auglocal:4,auglocal:5,auglocal:6"
 
@@ -89,36 +90,6 @@ def parse_methods(text: str) -> list[MethodSpec]:
     return specs
 
 
-def describe_machine(device: torch.device) -> dict[str, Any]:
-    """Enough to interpret the numbers: CPU, threads, load, torch/timm versions, GPU."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        match = re.search(r"^Model name:\s*(.+)$", lscpu, re.MULTILINE)
-        if match:
-            cpu = match.group(1).strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "timm_local": timm_local.__version__,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-        info["cudnn"] = torch.backends.cudnn.version()
-        info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
-    return info
-
-
 def build(spec: MethodSpec, args: argparse.Namespace, device: torch.device) -> timm_local.LocalModel:
     torch.manual_seed(args.seed)
     size = (3, args.input_size, args.input_size)
@@ -133,6 +104,22 @@ def build(spec: MethodSpec, args: argparse.Namespace, device: torch.device) -> t
     return model.to(device).train()
 
 
+def process_row(spec: MethodSpec, args: argparse.Namespace, size: tuple[int, int, int]) -> dict[str, Any]:
+    """The process-level peak of ``spec``: SGD steps in a fresh process (:func:`timm_local.cost.process_step_memory`)."""
+    case = StepCase(args.model, spec.method, dict(spec.kwargs), num_classes=args.num_classes, input_size=size,
+                    batch_size=args.batch_size, steps=args.process_steps, threads=args.threads, device=args.device,
+                    seed=args.seed)
+    result = process_step_memory(case, live=False)
+    row = {"process_peak_memory_mb": round(result["process_peak_memory_bytes"] / 2**20, 2),
+           "rss_before_step_mb": round(result["rss_before_step_bytes"] / 2**20, 2),
+           "allocator": result["allocator"], "process_memory_method": result["process_memory_method"]}
+    if "process_peak_reserved_bytes" in result:
+        row["process_peak_reserved_mb"] = round(result["process_peak_reserved_bytes"] / 2**20, 2)
+        row["process_peak_allocated_mb"] = round(result["process_peak_allocated_bytes"] / 2**20, 2)
+        row["process_peak_memory_mb"] = row["process_peak_reserved_mb"]  # what CUDA holds for the process
+    return row
+
+
 def step_macs(model: timm_local.LocalModel, size: tuple[int, int, int], device: torch.device, classes: int) -> float:
     """GMACs per sample of one whole training step (forward + every local backward)."""
     batch = 2  # BatchNorm1d heads need more than one sample in training mode
@@ -142,43 +129,6 @@ def step_macs(model: timm_local.LocalModel, size: tuple[int, int, int], device: 
     macs = count_macs(lambda: model.local_step(x, y))
     model.zero_grad(set_to_none=True)
     return macs / batch / 1e9
-
-
-PROFILE_GROUPS = (
-    ("convolution", ("conv",)),
-    ("batch norm", ("batch_norm",)),
-    ("linear / matmul", ("addmm", "aten::mm", "matmul", "bmm")),
-    ("pooling", ("pool", "aten::mean", "aten::div", "aten::sum")),
-    ("copies", ("copy_", "contiguous", "clone")),
-    ("relu / add / other elementwise", ("relu", "threshold", "clamp", "add", "mul")),
-)
-
-
-def profile_step(model: timm_local.LocalModel, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Self time (s) of one training step's ATen ops, by group: where the time goes.
-
-    CPU: self CPU time; CUDA: self device (kernel) time. Ops outside the groups are "other";
-    "framework" is the rest of the profiled step (Python, autograd engine, dispatch).
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = x.device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    median_step_time(model, x, y, steps=1, warmup=0)
-    with profile(activities=activities) as prof:
-        start = time.process_time()  # CPU time: what this process did, not what the machine's tenants did
-        median_step_time(model, x, y, steps=1, warmup=0)
-        total = time.process_time() - start
-    groups = {name: 0.0 for name, _ in PROFILE_GROUPS} | {"other ops": 0.0}
-    for event in prof.key_averages():
-        if not event.key.startswith("aten::"):
-            continue
-        us = getattr(event, "self_device_time_total", 0.0) if cuda else event.self_cpu_time_total
-        group = next((g for g, keys in PROFILE_GROUPS if any(k in event.key for k in keys)), "other ops")
-        groups[group] += us / 1e6
-    if not cuda:
-        groups["framework"] = max(0.0, total - sum(groups.values()))
-    return {k: round(v, 4) for k, v in groups.items()}
 
 
 def _ratio(value: float | None, reference: float | None) -> float | None:
@@ -227,6 +177,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
               flush=True)
 
     labels = list(models)
+    for spec, label in zip(specs, labels):
+        if args.process_steps:
+            rows[label].update(process_row(spec, args, size))
+            print(f"[process] {label:15s} {rows[label]['process_peak_memory_mb']:.1f} MB above the RSS before the "
+                  f"first step ({rows[label]['allocator']})", flush=True)
     for _ in range(args.warmup):
         for label in labels:
             median_step_time(models[label], x, y, steps=1, warmup=0)
@@ -257,6 +212,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         row["time_ratio"] = round(row["median_step_time_s"] / bp["median_step_time_s"], 4)
         row["wall_ratio"] = round(row["median_step_wall_s"] / bp["median_step_wall_s"], 4)
         row["memory_ratio"] = round(_ratio(row["peak_memory_mb"], bp["peak_memory_mb"]) or float("nan"), 4)
+        if "process_peak_memory_mb" in row:
+            row["process_memory_ratio"] = round(
+                _ratio(row["process_peak_memory_mb"], bp["process_peak_memory_mb"]) or float("nan"), 4)
         row["step_macs_ratio"] = round(row["step_gmacs"] / bp["step_gmacs"], 4)
         paper = PAPER.get(label)
         if paper:
@@ -281,6 +239,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "num_classes": args.num_classes,
         "warmup_rounds": args.warmup,
         "timed_rounds": args.steps,
+        "process_steps": args.process_steps,
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(["benchmarks/cost_table.py", *args.argv]),
         "machine": machine,
@@ -334,6 +293,21 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"| {r['time_ratio']:.2f} | {r['wall_ratio']:.2f} | {r['step_macs_ratio']:.2f} "
             f"| {_fmt(paper.get('time_ratio'), '.2f')} | {_fmt(paper.get('gmacs'), '.2f')} |"
         )
+    process = {k: r for k, r in result["rows"].items() if "process_peak_memory_mb" in r}
+    if process:
+        first = next(iter(process.values()))
+        lines += [
+            "",
+            f"## Peak memory as the process sees it (allocator: {first['allocator']})",
+            "",
+            f"Process-level = {first['process_memory_method']}; one fresh process per method, "
+            f"{result['process_steps']} timed SGD steps after one warm-up. Live = the live-tensor peak above.",
+            "",
+            "| method | live peak (MB) | live ×BP | process-level peak (MB) | process ×BP |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [f"| {k} | {r['peak_memory_mb']:.1f} | {r['memory_ratio']:.3f} | {r['process_peak_memory_mb']:.1f} "
+                  f"| {r['process_memory_ratio']:.3f} |" for k, r in process.items()]
     auglocal = {k: r for k, r in result["rows"].items() if r["method"] == "auglocal"}
     if auglocal:
         lines += [
@@ -387,6 +361,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-profile", action="store_true", help="skip the per-op-group profile of bp and auglocal")
+    parser.add_argument("--process-steps", type=int, default=2,
+                        help="timed SGD steps of each method's fresh process for the process-level peak (0: skip it)")
     parser.add_argument("--no-cudnn-benchmark", action="store_true", help="CUDA: leave cudnn.benchmark off")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)

@@ -30,7 +30,7 @@ def test_cost_table_writes_consistent_markdown_and_json(cost_table, tmp_path: Pa
         cost_table.main([
             "--model", "resnet20_cifar", "--input-size", "16", "--batch-size", "4", "--steps", "2",
             "--warmup", "0", "--threads", "1", "--methods", "bp,checkpoint,dgl,infopro,auglocal:2",
-            "--out-dir", str(tmp_path),
+            "--process-steps", "0", "--out-dir", str(tmp_path),  # the process-level peak: the next test
         ])
     finally:
         torch.set_num_threads(threads)
@@ -61,3 +61,26 @@ def test_cost_table_rejects_bad_method_lists(cost_table) -> None:
         cost_table.parse_methods("dgl,bp")
     specs = cost_table.parse_methods("bp,auglocal:4")
     assert [s.label for s in specs] == ["bp", "auglocal d=4"] and specs[1].kwargs == {"aux_depth": 4}
+
+
+def test_cost_table_reports_the_process_level_peak_beside_the_live_one(cost_table, tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    try:
+        cost_table.main([
+            "--model", "resnet20_cifar", "--input-size", "16", "--batch-size", "4", "--steps", "1", "--warmup", "0",
+            "--threads", "1", "--methods", "bp,auglocal:2", "--process-steps", "1", "--no-profile",
+            "--out-dir", str(tmp_path),
+        ])
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "cost_table_resnet20_cifar_cpu.json").read_text())
+    markdown = (tmp_path / "cost_table_resnet20_cifar_cpu.md").read_text()
+    bp, auglocal = result["rows"]["bp"], result["rows"]["auglocal d=2"]
+    assert bp["process_memory_ratio"] == 1.0 and result["process_steps"] == 1
+    for row in (bp, auglocal):
+        # a fresh process's growth over its steps holds at least the momentum buffers and the gradients
+        assert row["process_peak_memory_mb"] * 2**20 >= 4 * (row["params"] + row["aux_params"])
+        assert row["rss_before_step_mb"] > 0 and row["allocator"] == result["machine"]["allocator"]
+    assert auglocal["process_memory_ratio"] == pytest.approx(
+        auglocal["process_peak_memory_mb"] / bp["process_peak_memory_mb"], rel=1e-3)
+    assert "## Peak memory as the process sees it" in markdown and "| auglocal d=2 |" in markdown

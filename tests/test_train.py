@@ -17,6 +17,7 @@ import yaml
 import timm
 import timm_local
 from timm_local.export import load_exported, pretrained_cfg_overlay, read_export_metadata
+from timm_local.memory import PEAK_MEMORY_KEYS
 from timm_local.training import (CHECKPOINT_DIR, TMP_PREFIX, latest_checkpoint, list_checkpoints,
                                  read_checkpoint_meta, read_metrics)
 
@@ -147,7 +148,8 @@ def stopped_run(datasets_root, tmp_path_factory) -> Path:
 
 
 def _comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("samples_per_s", "train_time_s")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("samples_per_s", "train_time_s", *PEAK_MEMORY_KEYS)}
+            for r in rows]
 
 
 @pytest.mark.parametrize("stop_at", [2, 3], ids=["epoch_boundary", "mid_epoch"])

@@ -109,6 +109,14 @@ class TrainConfig:
     pipeline_cost: Optional[str] = field(default=None, metadata={
         "help": "pipeline engine: cost measure of the balanced cut, time | macs; None = time"})
 
+    # --- speed (timm train.py's flag names; docs/memory.md) ------------------------------------
+    channels_last: bool = field(default=False, metadata={
+        "help": "channels-last memory format for the backbone, the heads and the input (same losses; faster on "
+                "CPU for the CIFAR ResNets, docs/memory.md)"})
+    torchcompile: Optional[str] = field(default=None, metadata={
+        "help": "compile each local block and head with this torch.compile backend, e.g. inductor (the local "
+                "step's per-stage backward is kept); None = eager"})
+
     # --- run control -------------------------------------------------------------------------
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and augmentation"})
     cpu: bool = field(default=False, metadata={

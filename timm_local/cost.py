@@ -7,14 +7,23 @@ a counted FLOP. Two totals, as in the paper's Table 2 and beyond it:
 * ``gmacs``: backbone forward + every auxiliary *classifier* (``head.forward``);
 * ``gmacs_train``: everything one training forward runs (``head.local_loss``), which adds
   e.g. InfoPro's decoder or PredSim's similarity conv.
+
+Peak memory comes in two figures (docs/memory.md): the *live* peak (:func:`peak_step_memory`: what the
+step's tensors need, in this process) and the *process-level* peak
+(:func:`timm_local.process_cost.process_step_memory`: what a fresh process running SGD steps holds above
+its resident memory before the first step -- what a user sees, including what the memory allocator
+keeps or cannot return).
 """
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
+import re
 import statistics
+import subprocess
 import time
 import weakref
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
@@ -22,8 +31,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from .memory import allocator_name
+
 if TYPE_CHECKING:  # the pipeline cut counts MACs with this module, and model.py imports the engines
     from .model import LocalModel
+    from .process_cost import StepCase
 
 
 def count_macs(fn: Callable[[], Any]) -> int:
@@ -140,7 +152,8 @@ def peak_step_memory(model: LocalModel, x: torch.Tensor, y: torch.Tensor) -> dic
     """Peak memory allocated *during* one training step above what was live before it.
 
     Gradients are set to None first, so their allocation is counted. CUDA: the caching
-    allocator's ``max_memory_allocated``. CPU: :class:`LiveStorageTracker` (live tensor
+    allocator's ``max_memory_allocated`` and, beside it, ``max_memory_reserved`` above the same
+    baseline (what the caching allocator holds for the step, warm-up included). CPU: :class:`LiveStorageTracker` (live tensor
     storages, counted at dispatch) — the same quantity, without allocator caching.
     """
     model.train()
@@ -153,7 +166,8 @@ def peak_step_memory(model: LocalModel, x: torch.Tensor, y: torch.Tensor) -> dic
         model.local_step(x, y)
         torch.cuda.synchronize()
         return {"peak_memory_bytes": torch.cuda.max_memory_allocated() - before,
-                "memory_method": "cuda.max_memory_allocated"}
+                "peak_reserved_bytes": torch.cuda.max_memory_reserved() - before,
+                "memory_method": "cuda.max_memory_allocated (reserved: cuda.max_memory_reserved)"}
     tracker = LiveStorageTracker(existing=(*model.parameters(), *model.buffers(), x, y))
     with tracker:
         model.local_step(x, y)
@@ -175,17 +189,99 @@ def median_step_time(model: LocalModel, x: torch.Tensor, y: torch.Tensor, steps:
     return statistics.median(times)
 
 
+PROFILE_GROUPS = (
+    ("convolution", ("conv",)),
+    ("batch norm", ("batch_norm",)),
+    ("linear / matmul", ("addmm", "aten::mm", "matmul", "bmm")),
+    ("pooling", ("pool", "aten::mean", "aten::div", "aten::sum")),
+    ("copies", ("copy_", "contiguous", "clone")),
+    ("relu / add / other elementwise", ("relu", "threshold", "clamp", "add", "mul")),
+)
+
+
+def profile_step(model: LocalModel, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Self time (s) of one training step's ATen ops, by group: where the time goes.
+
+    CPU: self CPU time; CUDA: self device (kernel) time. Ops outside the groups are "other";
+    "framework" is the rest of the profiled step (Python, autograd engine, dispatch).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    median_step_time(model, x, y, steps=1, warmup=0)
+    with profile(activities=activities) as prof:
+        start = time.process_time()  # CPU time: what this process did, not what the machine's tenants did
+        median_step_time(model, x, y, steps=1, warmup=0)
+        total = time.process_time() - start
+    groups = {name: 0.0 for name, _ in PROFILE_GROUPS} | {"other ops": 0.0}
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::"):
+            continue
+        us = getattr(event, "self_device_time_total", 0.0) if cuda else event.self_cpu_time_total
+        group = next((g for g, keys in PROFILE_GROUPS if any(k in event.key for k in keys)), "other ops")
+        groups[group] += us / 1e6
+    if not cuda:
+        groups["framework"] = max(0.0, total - sum(groups.values()))
+    return {k: round(v, 4) for k, v in groups.items()}
+
+
+def describe_machine(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Enough to interpret measured numbers: CPU, threads, load, allocator, torch/timm versions, GPU."""
+    import timm
+
+    from . import __version__
+
+    device = torch.device(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        match = re.search(r"^Model name:\s*(.+)$", lscpu, re.MULTILINE)
+        if match:
+            cpu = match.group(1).strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "allocator": allocator_name(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "timm_local": __version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+        info["cuda_alloc_conf"] = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    return info
+
+
 def cost_report(
     model: LocalModel,
     input_size: tuple[int, int, int] | None = None,
     batch_size: int = 64,
     memory: bool = False,
     timing: bool = False,
+    case: StepCase | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """MACs and parameters always; peak step memory and median step time on request."""
+    """MACs and parameters always; peak step memory and median step time on request.
+
+    With ``memory`` and a ``case`` (the recipe ``model`` was built from), the process-level peak of a
+    fresh process is measured too (:func:`process_step_memory`). ``progress`` gets a line per phase.
+    """
+    say = progress or (lambda _: None)
     if input_size is None:
         input_size = tuple(model.backbone.pretrained_cfg["input_size"])
     report: dict[str, Any] = {"input_size": list(input_size)}
+    say("counting MACs")
     report.update(macs_per_sample(model, tuple(input_size)))
     report.update(parameter_counts(model))
     if memory or timing:
@@ -194,7 +290,16 @@ def cost_report(
         y = torch.randint(0, model.num_classes, (batch_size,), device=device)
         report["batch_size"] = batch_size
         if memory:
+            say(f"live-tensor peak of one step (batch {batch_size})")
             report.update(peak_step_memory(model, x, y))
         if timing:
+            say("timing training steps")
             report["step_time_s"] = median_step_time(model, x, y)
+        if memory and case is not None:
+            from .process_cost import process_step_memory  # it measures with this module's live tracker
+
+            say(f"process-level peak: {case.warmup} + {case.steps} SGD steps in a fresh process")
+            process = process_step_memory(case, live=False)
+            report.update({k: v for k, v in process.items() if k.startswith(("process_", "rss_", "peak_rss"))})
+            report["allocator"] = process["allocator"]
     return report

@@ -69,9 +69,10 @@ def export_backbone(
     was_training = backbone.training
     backbone.eval()
     try:
-        # save_for_hf writes the state_dict (on CPU tensors as stored) and the config
+        # save_for_hf writes the state_dict (on CPU tensors as stored) and the config; safetensors stores
+        # contiguous tensors only, so a channels-last model is written from a contiguous copy
         state_device = next(backbone.parameters()).device
-        if state_device.type != "cpu":
+        if state_device.type != "cpu" or not all(t.is_contiguous() for t in backbone.state_dict().values()):
             backbone = _cpu_copy(backbone)
         timm.models.save_for_hf(backbone, str(export_dir), model_config=model_config,
                                 data_config=dict(data_config) if data_config else None, safe_serialization=True)
@@ -97,7 +98,7 @@ def loading_requirement(backbone: nn.Module) -> Optional[str]:
 def _cpu_copy(model: nn.Module) -> nn.Module:
     import copy
 
-    return copy.deepcopy(model).to("cpu")
+    return copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format)
 
 
 def to_jsonable(value: Any) -> Any:

@@ -11,6 +11,12 @@ Every config key is a flag (see --help); flags override the --config recipe, and
 continues from the run folder's own config.yaml. The loop lives in timm_local.training.train; this file only
 parses arguments and reports errors: a user error is one line on stderr and exit code 2 (3: the run stopped
 on a non-finite loss or step); --debug (or TIMM_LOCAL_DEBUG=1) shows the traceback.
+
+Memory (docs/memory.md): on CUDA, PYTORCH_CUDA_ALLOC_CONF defaults to expandable_segments:True unless
+you set it (or PYTORCH_ALLOC_CONF); on the CPU, launch through PyTorch's CPU launcher with tcmalloc, as
+`make run` does, or glibc's malloc keeps most of local learning's activation saving:
+
+    python -m torch.backends.xeon.run_cpu --enable-tcmalloc tools/train.py --config ...
 """
 from __future__ import annotations
 
@@ -20,7 +26,9 @@ from typing import Optional, Sequence
 
 from timm_local.cli import command_line_errors, handle_errors, library_errors
 from timm_local.config import parse_config
+from timm_local.memory import allocator_name, default_cuda_alloc_conf
 from timm_local.training import NonFiniteLossError, train
+from timm_local.training.builders import has_accelerator
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -29,9 +37,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run(argv: Optional[Sequence[str]]) -> int:
+    alloc_conf = default_cuda_alloc_conf()  # before the first CUDA allocation
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown the progress
     cfg = parse_config(argv, description=__doc__)
+    log = logging.getLogger("timm_local.train")
+    if cfg.cpu or not has_accelerator():
+        allocator = allocator_name()
+        log.info("host memory allocator: %s%s", allocator, "" if allocator != "glibc" else
+                 " (its caching hides most of the activation memory local learning frees; launch with "
+                 "`python -m torch.backends.xeon.run_cpu --enable-tcmalloc tools/train.py ...`, docs/memory.md)")
+    else:
+        log.info("PYTORCH_CUDA_ALLOC_CONF=%s", alloc_conf)
     result = train(cfg)
     from accelerate import PartialState
 

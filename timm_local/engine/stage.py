@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..methods.base import LocalStage
 from ..partition import Partition
+from .speed import match_memory_format
 
 __all__ = ["Backward", "check_finite_losses", "default_backward", "run_stage", "stage_sums"]
 
@@ -61,7 +62,11 @@ def run_stage(
     target: torch.Tensor,
     inputs: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Forward one stage from its (already detached) input: (output, loss, logits)."""
+    """Forward one stage from its (already detached) input: (output, loss, logits).
+
+    The input takes the memory format of the stage's first block (channels-last models, :mod:`.speed`).
+    """
+    h = match_memory_format(h, partition.blocks[stage.blocks[0]])
     for index in stage.blocks:
         block = partition.blocks[index]
         if stage.checkpoint and torch.is_grad_enabled():

@@ -20,9 +20,9 @@ from .checkpoint import register_for_checkpointing
 from .metrics import tracker_names
 from .state import TrainState
 
-__all__ = ["Schedule", "build_backbone", "build_local_model", "check_precision", "eval_batch_size", "freeze_batchnorm",
-           "has_accelerator", "make_accelerator", "make_loader", "method_kwargs", "prepare_optimization",
-           "restart_schedule", "run_datasets"]
+__all__ = ["Schedule", "apply_speed_options", "build_backbone", "build_local_model", "check_precision",
+           "eval_batch_size", "freeze_batchnorm", "has_accelerator", "make_accelerator", "make_loader", "method_kwargs",
+           "prepare_optimization", "restart_schedule", "run_datasets"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,21 @@ def build_local_model(cfg: TrainConfig, data: DataConfig) -> Any:
                                   input_size=(data.in_chans, data.image_size, data.image_size))
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+def apply_speed_options(cfg: TrainConfig, lm: Any) -> None:
+    """``--channels-last`` and ``--torchcompile`` on a built model, before the optimizer is created.
+
+    Neither changes what is learnt (:mod:`timm_local.engine.speed`): parameter names and values stay,
+    every local loss keeps its own backward.
+    """
+    from ..engine.speed import compile_blocks_and_heads, use_channels_last
+
+    if cfg.channels_last:
+        use_channels_last(lm)
+    if cfg.torchcompile:
+        count = compile_blocks_and_heads(lm, backend=cfg.torchcompile)
+        logger.info("compiling %d blocks and heads with %s (the first steps compile)", count, cfg.torchcompile)
 
 
 def run_datasets(cfg: TrainConfig) -> tuple[Any, Any, DataConfig]:

@@ -22,6 +22,7 @@ import yaml
 
 from ..config import CONFIG_NAME, SCHEDULE_KEYS, TrainConfig, validate_config
 from ..export import to_jsonable
+from ..memory import peak_memory_across_processes, reset_peak_memory
 from .builders import (build_local_model, check_precision, eval_batch_size, freeze_batchnorm, make_accelerator,
                        make_loader, prepare_optimization, restart_schedule, run_datasets)
 from .checkpoint import latest_checkpoint, save_checkpoint
@@ -145,6 +146,7 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
         if cfg.freeze_bn:
             freeze_batchnorm(lm)
         t_epoch = time.perf_counter()
+        reset_peak_memory(accelerator.device)  # train rows carry this epoch's peak memory so far
         for x, y in runner.batches(epoch, state.step_in_epoch):
             optimizer.zero_grad(set_to_none=True)
             guard.before_step()
@@ -172,6 +174,7 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
             progress.update(1)
             if state.global_step % cfg.log_every == 0 or state.step_in_epoch == steps_per_epoch:
                 row = window.row(accelerator, epoch, state.global_step, lr_used)  # the one collective per window
+                row.update(peak_memory_across_processes(accelerator))  # this epoch's peak so far
                 metrics.log(row)
                 progress.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}")
             if cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0 \

@@ -21,7 +21,7 @@ import torch
 from ..config import TrainConfig
 from ..data import DataConfig
 from ..distributed import average_gradients
-from .builders import make_loader
+from .builders import apply_speed_options, make_loader
 
 __all__ = ["PipelineRunner", "RUNNERS", "Runner", "SequentialRunner", "make_runner", "pipeline_layout"]
 
@@ -89,6 +89,7 @@ class SequentialRunner:
         self.loader = accelerator.prepare(loader)  # shards the global batch (split_batches)
         self.steps_per_epoch = len(self.loader)
         broadcast(list(lm.state_dict().values()), from_process=0)  # DDP's start-up broadcast
+        apply_speed_options(self.cfg, lm)  # after the broadcast: it sends contiguous tensors only
         self.params = [p for p in lm.parameters() if p.requires_grad]
 
     def runtime(self) -> dict[str, Any]:
@@ -169,6 +170,7 @@ class PipelineRunner:
         from ..engine import PipelineTrainer
 
         self.accelerator, self.lm, self.train_set = accelerator, lm, train_set
+        apply_speed_options(self.cfg, lm)
         self.steps_per_epoch = len(train_set) // self.cfg.batch_size
         self.trainer = PipelineTrainer(
             lm, self.segments, cut=self.cfg.pipeline_cut, cost_measure=self.cfg.pipeline_cost or "time",
