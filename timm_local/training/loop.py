@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from ..config import TrainConfig
+from ..distributed import RollCall
 from ..export import to_jsonable
 from .builders import (build_local_model, eval_batch_size, freeze_batchnorm, make_accelerator, make_loader,
                        prepare_optimization, run_datasets)
@@ -71,16 +72,18 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     output_dir = cfg.resolved_output_dir()
     accelerator = make_accelerator(cfg, output_dir)
     world = accelerator.num_processes
+    roll = RollCall.take(cfg.collective_timeout)  # every process of the launch is here, or who is not
     runner.check_launch(world)
     resume_from = resolve_resume(cfg, output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+    roll.check_shared_folder(output_dir)  # checkpoints and resume need one folder seen by every node
     set_seed(cfg.seed)
 
     train_set, test_set, data = run_datasets(cfg)
     test_loader = accelerator.prepare(make_loader(test_set, eval_batch_size(cfg, world), cfg))
     lm = build_local_model(cfg, data).to(accelerator.device)
+    roll.barrier("the end of set-up (datasets read, model built)")  # a node whose set-up failed is named
     runner.attach(accelerator, lm, train_set, data)
     steps_per_epoch = runner.steps_per_epoch
     optimizer, scheduler, state = prepare_optimization(cfg, lm, accelerator, steps_per_epoch)
@@ -104,7 +107,8 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     def save(reason: str) -> Path:
         runner.consolidate(optimizer)
         path = save_checkpoint(accelerator, output_dir, state, meta, cfg.keep_checkpoints)
-        logger.info("checkpoint (%s): %s", reason, path)
+        if accelerator.is_main_process:
+            logger.info("checkpoint (%s): %s", reason, path)
         return path
 
     def run_eval(epoch_done: int) -> dict[str, Any]:
@@ -122,7 +126,7 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
+    progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_main_process,
                     desc=f"{cfg.model}/{lm.method_name}{runner.label}", dynamic_ncols=True)
     window: Optional[dict[str, torch.Tensor]] = None  # per-stage sums since the last train row
     window_t0 = time.perf_counter()
