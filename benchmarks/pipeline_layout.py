@@ -78,7 +78,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"A.1 ideal (W = L): (d+1)/(L+1) = {r['a1_ideal']:.3f}. No W can beat total / heaviest stage = "
              f"{r['speedup_cap']:.2f}x (stage {r['heaviest_stage']}). Measured by counting MACs "
              f"(`{r['command']}`), no timing.", "",
-             "| W | balanced cut (segment starts) | predicted speed-up | efficiency | time / BP (MACs) | A.1: L(d+1)/(W(L+1)) |",
+             "| W | balanced cut (segment starts) | predicted speed-up | efficiency | time / BP (MACs) "
+             "| A.1: L(d+1)/(W(L+1)) |",
              "|---|---|---|---|---|---|"]
     for row in r["layouts"]:
         lines.append(f"| {row['segments']} | `{row['cut']}` | {row['speedup']:.2f}x | {row['efficiency']:.2f} | "
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)  # MAC counting only; no OpenMP contention on a shared machine
-    cfg = config_from_dict(load_yaml(args.config))
+    config = Path(args.config)
+    cfg = config_from_dict(load_yaml(config if config.is_file() else RESULTS.parents[1] / config))
     recipe = get_recipe(cfg.dataset)
     size = (cfg.in_chans, cfg.image_size or recipe.image_size, cfg.image_size or recipe.image_size)
     num_classes = cfg.num_classes or recipe.num_classes
