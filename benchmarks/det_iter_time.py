@@ -20,19 +20,17 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import torch
+from detectron2.config import get_cfg
+from detectron2.structures import Boxes, Instances, PolygonMasks
+from detectron2.utils.events import EventStorage
+
+import det  # installed with the project
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.structures import Boxes, Instances, PolygonMasks  # noqa: E402
-from detectron2.utils.events import EventStorage  # noqa: E402
-
-import det  # noqa: E402
 
 
 def synthetic_batch(size: int, n_images: int, generator: torch.Generator) -> list[dict]:

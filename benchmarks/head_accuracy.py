@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from accuracy import group_by_label  # a sibling script: one labelling for both reports
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import group_by_label  # noqa: E402  (one labelling for both reports)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import platform
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from accuracy import make_subset  # a sibling script: the same stratified subset as the accuracy table
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import make_subset  # noqa: E402  (the same stratified subset as the accuracy table)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,12 @@ detectron2 is an optional dependency (``det/install_detectron2.sh``); nothing in
 ``timm_local`` imports this package.
 """
 
+try:
+    import detectron2  # noqa: F401
+except ImportError as e:  # the plug-in's one dependency that is not on PyPI: say how to get it
+    raise ImportError("the detectron2 plug-in (det) needs detectron2, which is not installed: run `make install-det` "
+                      "(or `bash det/install_detectron2.sh PYTHON`); see docs/detection.md") from e
+
 import timm_local.models  # noqa: F401  (registers the *_cifar architectures, so MODEL.TIMM.NAME can name them)
 
 from .backbone import (
@@ -26,7 +32,9 @@ from .backbone import (
 )
 from .config import add_timm_config, get_timm_cfg
 from .engine import (
+    DetectionDataMissingError,
     Trainer,
+    check_datasets_exist,
     check_pixel_stats,
     coco_json_categories,
     format_ap_table,
@@ -44,6 +52,7 @@ from .weights import (
 )
 
 __all__ = [
+    "DetectionDataMissingError",
     "NORMS",
     "TimmBackbone",
     "TimmWeights",
@@ -54,6 +63,7 @@ __all__ = [
     "build_timm_backbone",
     "build_timm_fpn_backbone",
     "check_checkpoint_matches",
+    "check_datasets_exist",
     "check_pixel_stats",
     "coco_json_categories",
     "convert_norm",

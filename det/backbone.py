@@ -22,6 +22,7 @@ from timm.layers import BatchNormAct2d, GroupNormAct, convert_sync_batchnorm, fr
 from timm.utils.model import freeze as timm_freeze
 from torch import nn
 
+from .feature_names import module_in_wrapper
 from .weights import create_timm_features
 
 __all__ = [
@@ -47,7 +48,8 @@ def _bn_to_gn(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm2d (timm's BatchNormAct2d included) by GroupNorm, recursively.
 
     The affine weights are carried over so a pretrained backbone keeps its per-channel scale;
-    the running statistics have no GroupNorm counterpart and are dropped.
+    the running statistics have no GroupNorm counterpart and are dropped. Hand-written because
+    neither timm nor detectron2 converts to GroupNorm (they convert to FrozenBN / SyncBN only).
     """
     if isinstance(module, nn.BatchNorm2d):
         channels = module.num_features
@@ -87,20 +89,6 @@ def convert_norm(module: nn.Module, norm: str) -> nn.Module:
     return module
 
 
-def _stage_module_name(features: nn.Module, index: int) -> str:
-    """Name, inside the feature wrapper, of the module that produces ``feature_info[index]``.
-
-    timm's FeatureListNet/FeatureDictNet flatten one Sequential level (``blocks.1`` becomes
-    ``blocks_1``); model-specific feature classes keep the model's names.
-    """
-    original = features.feature_info.info[index]["module"]
-    names = dict(features.named_modules())
-    for candidate in (original, original.replace(".", "_", 1)):
-        if candidate in names:
-            return candidate
-    raise ValueError(f"Cannot find module {original!r} (feature_info[{index}]) in {type(features).__name__}.")
-
-
 def freeze_through(features: nn.Module, freeze_at: int) -> list[str]:
     """Freeze every module up to and including the one producing ``feature_info[freeze_at-1]``.
 
@@ -114,7 +102,7 @@ def freeze_through(features: nn.Module, freeze_at: int) -> list[str]:
     total = len(features.feature_info.info)
     if freeze_at > total:
         raise ValueError(f"MODEL.TIMM.FREEZE_AT={freeze_at} but the model has only {total} feature stages.")
-    stage = _stage_module_name(features, freeze_at - 1)
+    stage = module_in_wrapper(features, features.feature_info.info[freeze_at - 1]["module"])
     order = [name for name, _ in features.named_modules()]  # pre-order: a subtree is contiguous
     end = max(i for i, n in enumerate(order) if n == stage or n.startswith(stage + "."))
 

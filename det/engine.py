@@ -25,7 +25,9 @@ from .solver import build_optimizer
 from .weights import resolve_weights
 
 __all__ = [
+    "DetectionDataMissingError",
     "Trainer",
+    "check_datasets_exist",
     "coco_json_categories",
     "register_coco_json",
     "use_coco_json_datasets",
@@ -37,6 +39,35 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 AP_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+class DetectionDataMissingError(FileNotFoundError):
+    """A dataset the config names has no annotation file or image folder on disk (said before training)."""
+
+
+def check_datasets_exist(cfg: CfgNode, train: bool = True) -> None:
+    """Refuse, before anything is built, a config whose datasets are not on disk.
+
+    detectron2 registers its builtin datasets (``coco_2017_train`` ...) under ``$DETECTRON2_DATASETS``
+    and fails only when the loader opens the JSON, with a bare ``FileNotFoundError``; this says where it
+    looked and both ways to fix it.
+    """
+    names = (list(cfg.DATASETS.TRAIN) if train else []) + list(cfg.DATASETS.TEST)
+    for name in names:
+        if name not in DatasetCatalog.list():
+            raise DetectionDataMissingError(
+                f"dataset {name!r} (cfg.DATASETS) is not registered; use detectron2's builtin names (coco_2017_train, "
+                f"...) or --train-json FILE --train-images DIR (and --test-json / --test-images)")
+        meta = MetadataCatalog.get(name)
+        for what, path, exists in (("annotation file", getattr(meta, "json_file", None), os.path.isfile),
+                                   ("image folder", getattr(meta, "image_root", None), os.path.isdir)):
+            if path and not exists(path):
+                root = os.environ.get("DETECTRON2_DATASETS")
+                raise DetectionDataMissingError(
+                    f"dataset {name!r}: {what} {path} not found. detectron2 reads its builtin datasets from "
+                    f"$DETECTRON2_DATASETS ({'now ' + repr(root) if root else 'unset: ./datasets'}); point it at the "
+                    f"folder that holds coco/, or train on any COCO-format data with --train-json FILE "
+                    f"--train-images DIR (and --test-json / --test-images)")
 
 
 class Trainer(DefaultTrainer):

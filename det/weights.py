@@ -22,6 +22,8 @@ import timm
 import torch
 from torch import nn
 
+from .feature_names import wrapper_to_model_names
+
 __all__ = [
     "TimmWeights",
     "WeightsMismatchError",
@@ -29,6 +31,7 @@ __all__ = [
     "checkpoint_shapes",
     "check_checkpoint_matches",
     "create_timm_features",
+    "detection_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -101,27 +104,21 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 
 def _resolve_hub(model_id: str) -> TimmWeights:
-    """Download ``config.json`` and the weights of an ``hf-hub:`` id into the HF cache.
+    """Download an ``hf-hub:`` repo's config and weights (only those) into the HF cache.
 
-    Both files land in the same snapshot folder, so the hub case becomes the local export-folder
+    ``snapshot_download`` puts them in one snapshot folder, so the hub becomes the local export-folder
     case and shares its checks; timm would download the very same files itself.
     """
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import snapshot_download
     from timm.models._hub import hf_split  # the ``repo@revision`` convention timm uses
 
     repo_id, revision = hf_split(model_id)
-    config_path = Path(hf_hub_download(repo_id, "config.json", revision=revision))
-    last_error: Exception | None = None
-    for name in _WEIGHT_FILES:
-        try:
-            weights_path = Path(hf_hub_download(repo_id, name, revision=revision))
-            break
-        except Exception as e:  # noqa: BLE001 - try the next file name timm would accept
-            last_error = e
-    else:
-        raise FileNotFoundError(f"hf-hub:{model_id} has none of {_WEIGHT_FILES}") from last_error
-    folder = weights_path.parent if weights_path.parent == config_path.parent else None
-    return TimmWeights(f"hf-hub:{model_id}", weights_path, folder, _read_config(config_path.parent))
+    folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["config.json", *_WEIGHT_FILES]))
+    try:
+        weights = _weights_in_folder(folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"hf-hub:{model_id} has none of {_WEIGHT_FILES}") from None
+    return TimmWeights(f"hf-hub:{model_id}", weights, folder, _read_config(folder))
 
 
 def resolve_weights(spec: str | Path) -> TimmWeights:
@@ -158,21 +155,12 @@ def checkpoint_shapes(file: Path) -> dict[str, tuple[int, ...]]:
 
         with safe_open(str(file), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and "state_dict" in state:
-        state = state["state_dict"]
-    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {k: tuple(v.shape) for k, v in _load_tensors(file).items() if isinstance(v, torch.Tensor)}
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(file), device="cpu")
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and "state_dict" in state:
-        state = state["state_dict"]
-    return dict(state)
+    """timm's own reader: safetensors or torch files, a ``state_dict``/``model`` entry, DDP prefixes removed."""
+    return dict(timm.models.load_state_dict(str(file), use_ema=False))
 
 
 def _listing(names: Sequence[str], limit: int = 12) -> str:
@@ -195,6 +183,30 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
         return ()
     names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     return tuple(n + "." for n in names)
+
+
+def detection_settings(arch: str, model_args: Mapping[str, Any] | None = None) -> str:
+    """The MODEL.TIMM / FPN settings that make ``arch`` a detection backbone, as advice, or why it cannot be one.
+
+    Read from timm's own ``features_only`` default for the architecture, so the advice never names
+    feature indices the model does not have (a CIFAR ResNet has 3 stages at strides 1, 2, 4).
+    """
+    import math
+
+    try:
+        with torch.device("meta"):
+            features = timm.create_model(arch, features_only=True, **dict(model_args or {}))
+    except Exception as e:  # noqa: BLE001 - a model timm cannot turn into a feature extractor
+        return (f"but {arch!r} cannot serve as a detection backbone: timm cannot build its features_only extractor "
+                f"({type(e).__name__}: {e}). Detection needs a CNN whose features_only stages have strides that double.")
+    indices = list(features.feature_info.out_indices)
+    strides = features.feature_info.reduction()
+    names = [f"res{int(math.log2(r))}" for r in strides]
+    if len(set(strides)) < len(strides):
+        return (f"its default features {indices} repeat a stride ({strides}); set MODEL.TIMM.NAME to {arch!r} and "
+                f"MODEL.TIMM.OUT_INDICES to one index per stride.")
+    return (f"set MODEL.TIMM.NAME to {arch!r} (or leave NAME empty to take it from config.json), "
+            f"MODEL.TIMM.OUT_INDICES to {indices} and MODEL.FPN.IN_FEATURES to {names} (strides {strides}).")
 
 
 def check_checkpoint_matches(
@@ -225,8 +237,7 @@ def check_checkpoint_matches(
         return
     recorded = weights.architecture
     hint = (
-        f" Its config.json says it was exported from {recorded!r}; set MODEL.TIMM.NAME to that"
-        f" (or leave NAME empty to take it from config.json)."
+        f" Its config.json says it was exported from {recorded!r}; {detection_settings(recorded, weights.model_args)}"
         if recorded and recorded != name
         else " Was it exported from another architecture?"
     )
@@ -240,26 +251,10 @@ def check_checkpoint_matches(
     raise WeightsMismatchError(" ".join(parts) + hint)
 
 
-def _wrapper_to_model_names(reference: nn.Module) -> dict[str, str]:
-    """Map a timm feature wrapper's top-level module names back to the model's names.
-
-    ``FeatureListNet``/``FeatureDictNet`` re-register the model's children (one Sequential
-    level flattened: ``blocks.1`` becomes ``blocks_1``); other wrappers keep the names. This is
-    the inverse of timm's ``_module_list`` for both flattening choices.
-    """
-    mapping: dict[str, str] = {}
-    for name, child in reference.named_children():
-        mapping[name] = name
-        if isinstance(child, nn.Sequential):
-            for sub, _ in child.named_children():
-                mapping.setdefault(f"{name}_{sub}", f"{name}.{sub}")
-    return mapping
-
-
 def _verify_loaded(features: nn.Module, weights: TimmWeights, reference: nn.Module) -> None:
     """Every tensor of the feature extractor must equal the file's tensor of the same name."""
     tensors = _load_tensors(weights.file)
-    renames = _wrapper_to_model_names(reference)
+    renames = wrapper_to_model_names(reference)
     not_in_file: list[str] = []
     different: list[str] = []
     for key, value in features.state_dict().items():
@@ -330,5 +325,6 @@ def create_timm_features(
         )
     if in_chans == 3:  # otherwise timm adapts the first conv on purpose, so it differs
         _verify_loaded(features, resolved, reference)
-    logger.info("Loaded timm %s features %s from %s (verified exact).", arch, out_indices, resolved.file)
+    logger.info("Loaded timm %s backbone weights from %s: %d tensors into features %s (verified exact).", arch,
+                resolved.file, len(features.state_dict()), out_indices)
     return features

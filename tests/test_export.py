@@ -105,3 +105,23 @@ def test_push_to_hub_dry_run_and_missing_export(run, tmp_path, capsys):
     assert "model.safetensors" in listed and "config.json" in listed and "README.md" in listed
     with pytest.raises(FileNotFoundError, match="export the run first"):
         push_export_to_hub(tmp_path, "someone/model")
+
+
+def test_export_says_what_loading_needs(tmp_path):
+    """Our architectures need timm_local to load (plain timm does not know them); timm's own do not."""
+    import subprocess
+    import sys
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    export_backbone(timm.create_model("resnet20_cifar"), ours, metadata={"method": "auglocal"})
+    export_backbone(timm.create_model("test_resnet"), theirs, metadata={"method": "auglocal"})
+    requires = read_export_metadata(ours)["requires"]
+    assert "pip install timm_local" in requires and "import timm_local" in requires
+    assert "resnet20_cifar" in requires
+    assert "requires" not in read_export_metadata(theirs)
+    assert "pip install timm_local" in (ours / "README.md").read_text()
+    assert "timm alone loads it" in (theirs / "README.md").read_text()
+    # what the hint is for: plain timm, without timm_local imported, does not know the architecture
+    code = f"import timm; timm.create_model('local-dir:{ours}', pretrained=True)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Unknown model (resnet20_cifar)" in proc.stderr

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import timm_local
-from timm_local.families._registry import _ADAPTERS
+from timm_local.families import unregister_family
 from timm_local.partition import partition
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "families.md"
@@ -97,7 +97,7 @@ def test_guide_missing_module_is_caught(example: types.ModuleType) -> None:
         with pytest.raises(RuntimeError, match="does not reproduce model.forward_features"):
             partition(OtherNet(), input_size=(3, 32, 32))
     finally:
-        _ADAPTERS.pop(OtherNet)  # keep the broken adapter out of the other tests
+        unregister_family(Forgetful)  # keep the broken adapter out of the other tests
 
 
 def test_guide_backbone_exports_as_timm_model(example: types.ModuleType, tmp_path: Path) -> None:

@@ -59,15 +59,15 @@ def test_wrong_cut_is_detected() -> None:
         h = torch.randn(1, 3, 32, 32)
         for _, b in named:
             h = b(h)
-    from timm_local.families import _registry
+    from timm_local.families import adapter_for, register_family
 
-    original = _registry._ADAPTERS[type(model)]
-    _registry._ADAPTERS[type(model)] = adapter
+    original = type(adapter_for(model))
+    register_family(SkippingAdapter)
     try:
         with pytest.raises(RuntimeError, match="does not reproduce model.forward_features"):
             partition(model)
     finally:
-        _registry._ADAPTERS[type(model)] = original
+        register_family(original)
 
 
 def test_unsupported_model_error_names_families_and_guide() -> None:

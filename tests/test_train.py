@@ -5,7 +5,6 @@ Tiny on purpose (2 CPU cores shared): resnet20_cifar at 8x8 pixels, 16 training 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from timm_local.training import (CHECKPOINT_DIR, TMP_PREFIX, latest_checkpoint, 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+from launchers import subprocess_env
 from script_loader import load_module as _load
 
 
@@ -225,12 +225,6 @@ def test_plot_tool(straight_run, stopped_run, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # multi-process data parallel
 # ------------------------------------------------------------------------------------------------
-def _subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
 def test_two_processes_on_half_batches_equal_one_process(datasets_root, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo), 4 images each, == 1 process on the 8-image batch.
 
@@ -244,7 +238,7 @@ def test_two_processes_on_half_batches_equal_one_process(datasets_root, tmp_path
     bindir = Path(sys.executable).parent
     launcher = [str(bindir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
-    proc = subprocess.run([*launcher, script, *common, "--output-dir", str(two)], env=_subprocess_env(),
+    proc = subprocess.run([*launcher, script, *common, "--output-dir", str(two)], env=subprocess_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert train_tool.main([*common, "--output-dir", str(one)]) == 0  # the 1-process reference, in this process
@@ -271,7 +265,7 @@ def test_kill_during_training_then_resume(datasets_root, straight_run, tmp_path)
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "tools" / "train.py"), *TINY, "--dataset", "cifar10", "--data-dir",
            str(datasets_root / "cifar"), "--epochs", "2", "--checkpoint-every-steps", "1", "--output-dir", str(out)]
-    proc = subprocess.Popen(cmd, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not list_checkpoints(out) and proc.poll() is None:
         time.sleep(0.05)

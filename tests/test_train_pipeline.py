@@ -4,10 +4,7 @@ Tiny on purpose (2 CPU cores shared): resnet20_cifar at 8x8 pixels, 16 training 
 """
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from timm_local.training import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from launchers import torchrun  # noqa: E402
 from script_loader import load_module as _load  # noqa: E402
 
 fx = _load("_fixtures", Path(__file__).with_name("test_data_fixtures.py"))
@@ -28,18 +26,8 @@ TINY = ["--image-size", "8", "--batch-size", "8", "--workers", "0", "--trackers"
         "--log-every", "1", "--seed", "0", "--model", "resnet20_cifar", "--method", "auglocal"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), str(ROOT / "tools" / "train.py"), *TINY, *map(str, args)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return torchrun(nproc, [*TINY, *args])
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from .config import TrainConfig
 from .data import create_datasets, list_datasets
 from .export import export_backbone, load_exported
 from .training import train
+from .version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "BlockSpec",

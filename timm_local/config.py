@@ -9,15 +9,42 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import yaml
 
-__all__ = ["TrainConfig", "load_yaml", "build_parser", "parse_config", "config_from_dict"]
+from .cli import ArgumentParser
+
+__all__ = ["CONFIG_NAME", "ConfigError", "ENGINES", "FIXED_ON_RESUME", "INVOCATION_KEYS", "MIXED_PRECISIONS",
+           "SCHEDULE_KEYS", "TrainConfig", "build_parser", "config_changes", "config_from_dict", "is_resuming",
+           "load_yaml", "parse_config", "previous_run_config", "validate_config"]
+
+logger = logging.getLogger(__name__)
+
+#: The resolved configuration a run writes into its folder (and a resume without --config continues from).
+CONFIG_NAME = "config.yaml"
+ENGINES = ("sequential", "pipeline")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+#: Keys that belong to one invocation, not to the run: a resume never inherits them from the run's config.yaml
+#: (``max_steps`` is a stop point: a resumed run continues to ``epochs`` unless it is given again).
+INVOCATION_KEYS = ("output_dir", "resume", "max_steps")
+#: Keys whose change on resume restarts the learning-rate schedule at the current step (docs/training.md).
+SCHEDULE_KEYS = ("lr", "epochs", "sched", "warmup_epochs", "warmup_lr", "min_lr")
+#: Keys a resume may not change: the checkpoint's optimizer state, data order or input pipeline depend on them
+#: (model, method and its hyper-parameters, classes and channels are checked against the weights themselves).
+FIXED_ON_RESUME = ("batch_size", "dataset", "image_size", "seed", "opt", "momentum", "weight_decay",
+                   "filter_bias_and_bn", "model_kwargs")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work, found before anything is written; the message names the flag."""
 
 
 @dataclass
@@ -117,6 +144,105 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _number(v: Any) -> Optional[float]:
+    """``v`` as a float (YAML reads ``1e-3`` without a dot as a string), or None."""
+    try:
+        return None if isinstance(v, bool) else float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _positive(v: Any) -> bool:
+    return v > 0 and math.isfinite(v)
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0 and math.isfinite(v)
+
+
+#: (key, test, what the value must be); keys whose value is None (= default / off) are not tested.
+_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("epochs", _positive, "a positive integer"),
+    ("batch_size", _positive, "a positive integer"),
+    ("eval_batch_size", _positive, "a positive integer"),
+    ("lr", _positive, "a positive number"),
+    ("workers", _non_negative, "0 (load in the training process) or more"),
+    ("momentum", _non_negative, ">= 0"),
+    ("weight_decay", _non_negative, ">= 0"),
+    ("warmup_epochs", _non_negative, ">= 0"),
+    ("warmup_lr", _non_negative, ">= 0"),
+    ("min_lr", _non_negative, ">= 0"),
+    ("clip_grad", _positive, "a positive number (or none)"),
+    ("image_size", _positive, "a positive integer (or none: the dataset's own)"),
+    ("num_classes", _positive, "a positive integer (or none: from the dataset)"),
+    ("in_chans", _positive, "a positive integer"),
+    ("aux_depth", lambda v: v >= 2, "an integer >= 2 (the paper's d counts the final linear layer)"),
+    ("tau", lambda v: 0.0 <= v <= 1.0, "in [0, 1] (0 disables the pyramidal depth)"),
+    ("pipeline_segments", _positive, "a positive integer"),
+    ("pipeline_cost", lambda v: v in ("time", "macs"), "time or macs"),
+    ("engine", lambda v: v in ENGINES, " or ".join(ENGINES)),
+    ("mixed_precision", lambda v: v in MIXED_PRECISIONS, " | ".join(MIXED_PRECISIONS)),
+    ("max_steps", _positive, "a positive integer (or none)"),
+    ("eval_every", _positive, "a positive integer"),
+    ("log_every", _positive, "a positive integer"),
+    ("checkpoint_every_steps", _positive, "a positive integer (or none: only at epoch ends)"),
+    ("keep_checkpoints", _non_negative, "0 (keep all) or more"),
+)
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Refuse values that cannot work, before a run builds or writes anything (one :class:`ConfigError`)."""
+    for key, ok, requirement in _RULES:
+        value = getattr(cfg, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{_flag(key)} must be {requirement}, got {value!r}")
+    if cfg.min_lr > cfg.lr:
+        raise ConfigError(f"--min-lr {cfg.min_lr} exceeds --lr {cfg.lr}: the schedule decays from --lr to --min-lr")
+    for key in ("mean", "std"):
+        values = getattr(cfg, key)
+        numbers = [_number(v) for v in values] if values is not None else []
+        if values is not None and (not numbers or not all(v is not None and math.isfinite(v) for v in numbers)):
+            raise ConfigError(f"{_flag(key)} must be a list of numbers, one per channel, got {values!r}")
+        if key == "std" and not all(v > 0 for v in numbers):
+            raise ConfigError(f"--std must be positive (it divides the pixels), got {values!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# resume: a run continues with its own configuration
+# ------------------------------------------------------------------------------------------------
+def is_resuming(resume: Optional[str]) -> bool:
+    """Whether a ``--resume`` value asks to continue a run (``auto`` or a path)."""
+    return resume not in (None, "", "none", "no")
+
+
+def previous_run_config(cfg: TrainConfig) -> Optional[tuple[Path, dict[str, Any]]]:
+    """The ``config.yaml`` a resume of ``cfg`` continues from (its run folder's, else that of the
+    ``--resume`` folder's run) as ``(path, TrainConfig values without the invocation keys)``, or None."""
+    candidates = [cfg.resolved_output_dir() / CONFIG_NAME]
+    if cfg.resume and cfg.resume != "auto":
+        resume = Path(cfg.resume)
+        candidates += [resume / CONFIG_NAME, resume.parent.parent / CONFIG_NAME]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        return None
+    saved = yaml.safe_load(path.read_text()) or {}
+    names = {f.name for f in fields(TrainConfig)}
+    return path, {k: v for k, v in saved.items() if k in names and k not in INVOCATION_KEYS}
+
+
+def config_changes(before: Mapping[str, Any], after: TrainConfig) -> dict[str, dict[str, Any]]:
+    """``{key: {"was": old, "now": new}}`` for every key of ``before`` that ``after`` sets differently
+    (compared as stored in JSON, so tuples equal lists); the invocation keys are not changes."""
+    now = json.loads(json.dumps(after.to_dict()))
+    was = json.loads(json.dumps(dict(before)))
+    return {k: {"was": was[k], "now": now[k]} for k in was
+            if k in now and k not in INVOCATION_KEYS and was[k] != now[k]}
+
+
 # ------------------------------------------------------------------------------------------------
 def load_yaml(path: Union[str, Path]) -> dict[str, Any]:
     """Read a recipe, resolving ``_base_`` (a path or list of paths relative to the file) first.
@@ -128,7 +254,7 @@ def load_yaml(path: Union[str, Path]) -> dict[str, Any]:
         raise FileNotFoundError(f"config file not found: {path}")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config must be a YAML mapping, got {type(data).__name__}")
+        raise ConfigError(f"{path}: a config must be a YAML mapping, got {type(data).__name__}")
     bases = data.pop("_base_", [])
     merged: dict[str, Any] = {}
     for base in [bases] if isinstance(bases, str) else bases:
@@ -163,7 +289,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     base, optional = _unwrap_optional(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if not optional:
-            raise ValueError(f"config key {name!r} may not be null")
+            raise ConfigError(f"config key {name!r} may not be null")
         return None
     try:
         if base is bool:
@@ -190,7 +316,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
                 raise ValueError(value)
             return value
     except (TypeError, ValueError):
-        raise ValueError(f"config key {name!r}: cannot use {value!r} as {getattr(base, '__name__', base)}") from None
+        raise ConfigError(f"config key {name!r}: cannot use {value!r} as {getattr(base, '__name__', base)}") from None
     return value
 
 
@@ -199,7 +325,7 @@ def config_from_dict(values: dict[str, Any], base: Optional[TrainConfig] = None)
     names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; valid keys: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {', '.join(sorted(names))}")
     types_ = _field_types()
     cfg = dataclasses.replace(base) if base is not None else TrainConfig()
     for k, v in values.items():
@@ -207,13 +333,14 @@ def config_from_dict(values: dict[str, Any], base: Optional[TrainConfig] = None)
     return cfg
 
 
-def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
+def build_parser(description: Optional[str] = None) -> ArgumentParser:
     """An argparse parser with ``--config`` and one flag per :class:`TrainConfig` field.
 
-    Flags default to ``SUPPRESS`` so that only the flags actually given override the YAML.
+    Flags default to ``SUPPRESS`` so that only the flags actually given override the YAML. A usage error
+    is a :class:`~timm_local.cli.UsageError` (one line), not argparse's usage text and exit.
     """
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", "-c", action="append", default=[],
                         help="YAML recipe (repeatable; later files override earlier ones)")
     types_ = _field_types()
@@ -231,10 +358,20 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def parse_config(argv: Optional[Sequence[str]] = None, description: Optional[str] = None) -> TrainConfig:
-    """Defaults < ``--config`` files (in order) < explicit flags."""
+    """Defaults < ``--config`` files (in order) < explicit flags.
+
+    A resume (``--resume``) without ``--config`` continues the run as it was configured: defaults < the
+    run folder's ``config.yaml`` (:func:`previous_run_config`) < explicit flags.
+    """
     args = vars(build_parser(description).parse_args(argv))
     values: dict[str, Any] = {}
-    for path in args.pop("config", []):
+    files = args.pop("config", [])
+    for path in files:
         _merge(values, load_yaml(path))
+    if not files and is_resuming(args.get("resume")):
+        previous = previous_run_config(config_from_dict(args))
+        if previous is not None:
+            logger.info("continuing with the configuration of %s (flags given override it)", previous[0])
+            values = previous[1]
     cfg = config_from_dict(values)
     return config_from_dict(args, base=cfg)

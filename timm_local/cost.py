@@ -10,11 +10,12 @@ a counted FLOP. Two totals, as in the paper's Table 2 and beyond it:
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 import weakref
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -44,20 +45,40 @@ def _stage_inputs(model: LocalModel, x: torch.Tensor) -> list[torch.Tensor]:
     return outputs
 
 
+@contextlib.contextmanager
+def _parameters_frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Parameters stop requiring grad while MACs are counted (and are restored after).
+
+    FlopCounterMode's module tracker hooks the autograd graph of every module input that requires
+    grad; a view of a parameter made under no_grad (a class token expanded to the batch, as CaiT
+    passes it to its class-attention blocks) requires grad but has no graph, and the tracker fails
+    on it. Counting never needs gradients.
+    """
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 @torch.no_grad()
 def macs_per_sample(model: LocalModel, input_size: tuple[int, int, int], batch_size: int = 2) -> dict[str, float]:
     """GMACs per sample: ``gmacs`` (backbone + aux classifiers) and ``gmacs_train``."""
     was_training = model.training
     model.eval()  # BatchNorm1d heads and batch statistics do not change MAC counts
     try:
-        device = next(model.parameters()).device
-        x = torch.randn(batch_size, *input_size, device=device)
-        y = torch.zeros(batch_size, dtype=torch.long, device=device)
-        backbone = count_macs(lambda: model.backbone(x))
-        features = _stage_inputs(model, x)
-        heads = [(s.head, h) for s, h in zip(model.stages, features) if s.head is not None]
-        classifiers = sum(count_macs(lambda: head(h)) for head, h in heads)
-        train_extra = sum(count_macs(lambda: head.local_loss(h, y, x)) for head, h in heads)
+        with _parameters_frozen(model):
+            device = next(model.parameters()).device
+            x = torch.randn(batch_size, *input_size, device=device)
+            y = torch.zeros(batch_size, dtype=torch.long, device=device)
+            backbone = count_macs(lambda: model.backbone(x))
+            features = _stage_inputs(model, x)
+            heads = [(s.head, h) for s, h in zip(model.stages, features) if s.head is not None]
+            classifiers = sum(count_macs(lambda: head(h)) for head, h in heads)
+            train_extra = sum(count_macs(lambda: head.local_loss(h, y, x)) for head, h in heads)
     finally:
         model.train(was_training)
     return {

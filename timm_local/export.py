@@ -25,8 +25,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["METADATA_KEY", "export_backbone", "load_exported", "pretrained_cfg_overlay", "read_export_metadata", "to_jsonable",
-           "push_export_to_hub"]
+__all__ = ["METADATA_KEY", "export_backbone", "load_exported", "loading_requirement", "pretrained_cfg_overlay",
+           "push_export_to_hub", "read_export_metadata", "to_jsonable"]
 
 #: Top-level config.json key under which the training metadata is stored.
 METADATA_KEY = "timm_local"
@@ -60,8 +60,12 @@ def export_backbone(
     model_config: dict[str, Any] = {}
     if label_names:
         model_config["label_names"] = list(label_names)
+    metadata = dict(metadata or {})
+    requirement = loading_requirement(backbone)
+    if requirement:
+        metadata["requires"] = requirement
     if metadata:
-        model_config[METADATA_KEY] = to_jsonable(dict(metadata))
+        model_config[METADATA_KEY] = to_jsonable(metadata)
     was_training = backbone.training
     backbone.eval()
     try:
@@ -75,6 +79,19 @@ def export_backbone(
         backbone.train(was_training)
     (export_dir / "README.md").write_text(_model_card(export_dir, model_card, metadata), encoding="utf-8")
     return export_dir
+
+
+def loading_requirement(backbone: nn.Module) -> Optional[str]:
+    """What loading needs beyond timm: for an architecture timm_local defines (``*_cifar``), timm_local itself.
+
+    Plain timm cannot know these architectures (``Unknown model``), so the export says so where a user
+    looks: in ``config.json["timm_local"]["requires"]`` and in the model card.
+    """
+    if not type(backbone).__module__.startswith("timm_local."):
+        return None
+    arch = backbone.pretrained_cfg.get("architecture", type(backbone).__name__)
+    return (f"the architecture {arch!r} is defined by timm_local: pip install timm_local, and import timm_local "
+            f"before timm.create_model (plain timm raises 'Unknown model ({arch})')")
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
@@ -112,9 +129,12 @@ def _model_card(export_dir: Path, card: Optional[Mapping[str, Any]], metadata: O
     for key in ("top1", "best_top1"):
         if meta.get(key) is not None:
             details[f"Test {key}"] = f"{float(meta[key]):.2f}"
+    if meta.get("requires"):
+        details["Requires"] = meta["requires"]
     usage = (
-        "```python\nimport timm, timm_local  # timm_local registers the *_cifar architectures\n"
-        "model = timm.create_model('hf-hub:OWNER/NAME', pretrained=True).eval()\n"
+        ("```python\nimport timm, timm_local  # needed: timm_local defines this architecture\n" if meta.get("requires")
+         else "```python\nimport timm  # a timm architecture: timm alone loads it\n")
+        + "model = timm.create_model('hf-hub:OWNER/NAME', pretrained=True).eval()\n"
         "cfg = timm.data.resolve_data_config({}, model=model)\n"
         "transform = timm.data.create_transform(**cfg)\n```\n"
     )
@@ -147,7 +167,7 @@ def load_exported(export_dir: Union[str, Path], **kwargs: Any) -> nn.Module:
     """``timm.create_model("local-dir:EXPORT_DIR", pretrained=True)``, with our architectures registered."""
     import timm
 
-    import timm_local  # noqa: F401  (registers *_cifar architectures in timm)
+    from . import models  # noqa: F401  (registers the *_cifar architectures in timm)
 
     export_dir = Path(export_dir)
     if not (export_dir / "config.json").is_file():

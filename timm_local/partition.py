@@ -8,6 +8,7 @@ cut can never train silently.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,14 +18,26 @@ import torch.nn as nn
 from .families import FamilyAdapter, adapter_for
 
 
+#: Feature layouts a local block may output: feature maps (batch, channels, height, width), channels-last
+#: maps (batch, height, width, channels) as Swin-style models keep them, and tokens (batch, tokens, channels).
+LAYOUTS = ("NCHW", "NHWC", "NLC")
+
+
 @dataclass(frozen=True)
 class BlockSpec:
-    """What methods need to know about primary block ``index`` (never its weights)."""
+    """What methods need to know about primary block ``index`` (never its weights).
+
+    ``out_chs`` is the channel (embedding) width in every layout. ``reduction`` is the output stride
+    relative to the input image (spatial size = input / reduction); for tokens it is the patch size
+    the token count implies. ``shape`` is the measured output shape without the batch dimension.
+    """
 
     index: int
     name: str
     out_chs: int
-    reduction: int  # output stride relative to the input image (spatial size = input / reduction)
+    reduction: int
+    layout: str = "NCHW"
+    shape: tuple[int, ...] = ()
 
 
 class Partition:
@@ -65,6 +78,21 @@ class Partition:
             x = block(x)
         return x
 
+    @property
+    def copies_keep_shape(self) -> bool:
+        """True when AugLocal's copies are shape-keeping deep copies (:meth:`make_shaped_copy`)."""
+        return self.adapter.copy_rule == "shape"
+
+    def make_shaped_copy(self, index: int, source: BlockSpec) -> nn.Module:
+        """A freshly initialised copy of block ``index`` that takes features shaped like ``source``'s output.
+
+        For adapters whose copies keep the primary block's own input shape (the generic family): a
+        projection in front maps ``source``'s shape to block ``index``'s input shape when they differ.
+        """
+        if not 0 < index < len(self):
+            raise IndexError(f"block index {index} out of range 1..{len(self) - 1} (block 0 is the stem)")
+        return self.adapter.make_shaped_copy(self, index, source)
+
     def make_block_like(self, index: int, in_chs: int, stride: int) -> nn.Module:
         """A freshly initialised block with the architecture of block ``index``.
 
@@ -93,6 +121,71 @@ def init_like_primary(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+def measure_block(
+    index: int, name: str, h: object, x: torch.Tensor, model: nn.Module, previous: str | None
+) -> BlockSpec:
+    """The :class:`BlockSpec` of a block output ``h`` measured on the probe image ``x``.
+
+    A 4-d output is NCHW or NHWC: the two dimensions that follow the image's aspect ratio are the
+    spatial ones. When both readings fit (channels equal to the map size) the previous block's
+    layout decides, then the model's declared ``output_fmt``, then NCHW.
+    """
+    if not isinstance(h, torch.Tensor):
+        raise NotImplementedError(
+            f"local block {name!r} of {type(model).__name__} returned a {type(h).__name__}; local blocks must "
+            "pass one tensor to the next")
+    height, width = x.shape[-2:]
+    if h.ndim == 3:
+        layout, chs, tokens = "NLC", int(h.shape[2]), int(h.shape[1])
+        patches = tokens - int(getattr(model, "num_prefix_tokens", 0) or 0)  # class / register tokens
+        if patches > 0 and math.isqrt(patches) ** 2 == patches:
+            tokens = patches
+        reduction = max(1, round(math.sqrt(height * width / max(1, tokens))))
+        return BlockSpec(index, name, chs, reduction, layout, tuple(int(d) for d in h.shape[1:]))
+    if h.ndim != 4:
+        raise NotImplementedError(
+            f"local block {name!r} of {type(model).__name__} returned shape {tuple(h.shape)}; supported block "
+            "outputs are (B, C, H, W), (B, H, W, C) and tokens (B, N, C)")
+    nchw, nhwc = _is_map(h.shape[2], h.shape[3], height, width), _is_map(h.shape[1], h.shape[2], height, width)
+    if nchw != nhwc:
+        layout = "NCHW" if nchw else "NHWC"
+    elif previous in ("NCHW", "NHWC"):
+        layout = previous
+    else:
+        layout = "NHWC" if "NHWC" in str(getattr(model, "output_fmt", "")) else "NCHW"
+    if layout == "NCHW":  # (reduction from the width, as it always was measured)
+        chs, reduction = int(h.shape[1]), max(1, round(x.shape[-1] / h.shape[-1]))
+    else:
+        chs, reduction = int(h.shape[3]), max(1, round(x.shape[-1] / h.shape[2]))
+    return BlockSpec(index, name, chs, reduction, layout, tuple(int(d) for d in h.shape[1:]))
+
+
+def _is_map(h: int, w: int, height: int, width: int) -> bool:
+    """Whether (h, w) can be the spatial size of a feature map of an (height, width) image: the
+    image's aspect ratio, up to one position of rounding."""
+    if not (0 < h <= height and 0 < w <= width):
+        return False
+    return abs(h * width - w * height) <= max(height, width)
+
+
+def run_on_probe(model: nn.Module, x: torch.Tensor, what: str, fn, *args: object) -> object:
+    """``fn(*args)`` on the probe; a failure inside the model becomes an error naming the input size.
+
+    (An architecture with a fixed or constrained input size fails deep inside timm otherwise.)
+    """
+    try:
+        return fn(*args)
+    except Exception as e:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        own = tuple(cfg.get("input_size", ()))
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(
+            f"{type(model).__name__} cannot run {what} on inputs of shape {tuple(x.shape[1:])} "
+            f"({type(e).__name__}: {first}); pass input_size= a size the model accepts"
+            + (f", e.g. its own {own}" if own else "")
+        ) from e
+
+
 def _probe_input(model: nn.Module, input_size: Sequence[int] | None) -> torch.Tensor:
     if input_size is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -113,11 +206,11 @@ def partition(
     in order reproduces ``model.forward_features`` exactly.
     """
     adapter = adapter_for(model)
-    named_blocks = adapter.local_blocks(model)
+    x = _probe_input(model, input_size)
+    named_blocks = adapter.cut(model, tuple(x.shape[1:]))
     names = [n for n, _ in named_blocks]
     blocks = [b for _, b in named_blocks]
 
-    x = _probe_input(model, input_size)
     was_training = model.training
     model.eval()
     specs: list[BlockSpec] = []
@@ -125,13 +218,16 @@ def partition(
         with torch.no_grad():
             h = x
             for i, (name, block) in enumerate(named_blocks):
-                h = block(h)
-                if h.ndim != 4:
-                    raise ValueError(f"local block {name!r} returned shape {tuple(h.shape)}, expected NCHW")
-                specs.append(BlockSpec(i, name, int(h.shape[1]), max(1, round(x.shape[-1] / h.shape[-1]))))
+                h = run_on_probe(model, x, f"local block {name!r}", block, h)
+                specs.append(measure_block(i, name, h, x, model, specs[-1].layout if specs else None))
             if verify:
-                expected = model.forward_features(x)
-                if expected.shape != h.shape or not torch.allclose(h, expected, rtol=1e-4, atol=1e-5):
+                expected = run_on_probe(model, x, "forward_features", model.forward_features, x)
+                if not isinstance(expected, torch.Tensor):
+                    raise NotImplementedError(
+                        f"{type(model).__name__}.forward_features returns a {type(expected).__name__}, not one "
+                        "tensor; timm_local trains models whose features are a single tensor")
+                # (an untrained model in eval mode may overflow: NaN where forward_features has NaN is equal)
+                if expected.shape != h.shape or not torch.allclose(h, expected, rtol=1e-4, atol=1e-5, equal_nan=True):
                     raise RuntimeError(
                         f"the {adapter.name!r} family adapter's cut of {type(model).__name__} does not "
                         "reproduce model.forward_features (max abs diff "

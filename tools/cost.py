@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
 import timm_local
+from timm_local.cli import ArgumentParser, command_line_errors, handle_errors
 from timm_local.cost import cost_report
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet110_cifar")
     p.add_argument("--method", default="auglocal", choices=timm_local.list_methods())
     p.add_argument("--aux-depth", type=int, default=None, help="the paper's d, counting the final linear layer")
@@ -50,5 +52,5 @@ def main() -> None:
             print(f"{key:>20}: {value}")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a user error is one line on stderr, exit code 2 (--debug: the traceback)
+    sys.exit(handle_errors(lambda argv: main(), None, command_line_errors()))

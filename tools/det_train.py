@@ -23,23 +23,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-# Run as ``python tools/det_train.py``: put the checkout's root first on the path so ``det`` is
-# this repository's package (sys.path[0] is tools/, and detectron2 installs its own top-level
-# ``tools`` package, so nothing here may be imported as ``tools.*``).
-_REPO = Path(__file__).resolve().parents[1]
-if (_REPO / "det" / "__init__.py").is_file() and str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+try:  # ``det`` is installed with the project (pyproject); it needs detectron2, which is not on PyPI
+    import det  # registers the timm backbones
+except ImportError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
-import torch  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import CfgNode, get_cfg  # noqa: E402
-from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
-from detectron2.utils import comm  # noqa: E402
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
-import det  # noqa: E402  (registers the timm backbones)
+# detectron2 installs its own top-level ``tools`` package, so nothing here may be imported as ``tools.*``.
 
 logger = logging.getLogger("det_train")
 
@@ -56,8 +57,8 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup(args: argparse.Namespace) -> CfgNode:
-    """Build the frozen config: defaults + timm keys + YAML + datasets + command-line overrides."""
+def build_config(args: argparse.Namespace) -> CfgNode:
+    """The frozen config: defaults + timm keys + YAML + datasets + command-line overrides (nothing written)."""
     cfg = det.add_timm_config(get_cfg())
     cfg.merge_from_file(args.config_file)
     det.use_coco_json_datasets(cfg, args.train_json, args.train_images, args.test_json, args.test_images)
@@ -69,7 +70,22 @@ def setup(args: argparse.Namespace) -> CfgNode:
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
+    return cfg
+
+
+def preflight(cfg: CfgNode, args: argparse.Namespace) -> None:
+    """What a user gets wrong first, refused in one line before any output: data and backbone weights."""
+    det.check_datasets_exist(cfg, train=not args.eval_only)
+    if cfg.MODEL.TIMM.WEIGHTS and not str(cfg.MODEL.TIMM.WEIGHTS).startswith("hf-hub:"):
+        det.resolve_weights(cfg.MODEL.TIMM.WEIGHTS)
+
+
+def setup(args: argparse.Namespace) -> CfgNode:
+    """The config, checked, with detectron2's logging, seed and OUTPUT_DIR/config.yaml."""
+    cfg = build_config(args)
+    preflight(cfg, args)
     default_setup(cfg, args)  # logging, seed, and the resolved config saved as OUTPUT_DIR/config.yaml
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="det")  # e.g. which weights were loaded
     if cfg.MODEL.DEVICE == "cpu":
         logger.warning("CUDA is not available: running on CPU (MODEL.DEVICE cpu).")
     det.check_pixel_stats(cfg)
@@ -91,17 +107,29 @@ def main(args: argparse.Namespace):
     return results
 
 
-def invoke_main() -> None:
+#: User errors that get one line on stderr and exit code 2 (``DET_TRAIN_DEBUG=1`` shows the traceback).
+USER_ERRORS = (FileNotFoundError, det.WeightsMismatchError, ValueError)
+
+
+def invoke_main() -> int:
     args = argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        preflight(build_config(args), args)  # fail fast, in this process, before workers start
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except USER_ERRORS as e:
+        if os.environ.get("DET_TRAIN_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    invoke_main()
+    sys.exit(invoke_main())

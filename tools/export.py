@@ -6,6 +6,8 @@
 
 Load it with timm (``import timm_local`` first for the *_cifar architectures):
     timm.create_model("local-dir:RUN_DIR/export", pretrained=True)
+
+A user error is one line on stderr and exit code 2; --debug (or TIMM_LOCAL_DEBUG=1) shows the traceback.
 """
 from __future__ import annotations
 
@@ -13,23 +15,24 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from timm_local.cli import ArgumentParser, command_line_errors, handle_errors, library_errors
 from timm_local.training import export_run
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return handle_errors(run, argv, [(cls, 2) for cls in library_errors()])
+
+
+def run(argv: Optional[Sequence[str]]) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run folder written by tools/train.py")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the run's latest)")
     p.add_argument("--out", default=None, help="export folder (default: RUN_DIR/export)")
     args = p.parse_args(argv)
-    try:
-        path = export_run(args.run_dir, checkpoint=args.checkpoint, export_dir=args.out)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = export_run(args.run_dir, checkpoint=args.checkpoint, export_dir=args.out)
     print(f"exported to {path}; load with timm.create_model('local-dir:{path}', pretrained=True)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(handle_errors(main, None, command_line_errors()))

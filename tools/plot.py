@@ -2,6 +2,8 @@
 """Plot learning curves of training runs from their metrics.jsonl.
 
     python tools/plot.py runs/cifar10-resnet32_cifar-bp runs/cifar10-resnet32_cifar-auglocal --out curves.png
+
+A user error is one line on stderr and exit code 2; --debug (or TIMM_LOCAL_DEBUG=1) shows the traceback.
 """
 from __future__ import annotations
 
@@ -9,21 +11,22 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from timm_local.cli import ArgumentParser, command_line_errors, handle_errors
 from timm_local.training.plot import plot_runs
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return handle_errors(run, argv, command_line_errors())
+
+
+def run(argv: Optional[Sequence[str]]) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", help="run folders written by tools/train.py")
     p.add_argument("--out", default="curves.png", help="image file to write (png, pdf, svg)")
     p.add_argument("--labels", nargs="*", default=None, help="legend label per run (default: model, method, d, tau)")
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
-    try:
-        out = plot_runs(args.run_dirs, args.out, labels=args.labels, title=args.title)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = plot_runs(args.run_dirs, args.out, labels=args.labels, title=args.title)
     print(f"wrote {out}")
     return 0
 

@@ -9,7 +9,8 @@ Then anyone loads it with timm:
     model = timm.create_model("hf-hub:OWNER/resnet110_cifar.auglocal_cifar10", pretrained=True)
 
 The export folder (RUN_DIR/export, created by tools/train.py or tools/export.py) is uploaded unchanged
-with huggingface_hub, including its README model card.
+with huggingface_hub, including its README model card. A user error (no export, no login, a refused upload)
+is one line on stderr and exit code 2; --debug (or TIMM_LOCAL_DEBUG=1) shows the traceback.
 """
 from __future__ import annotations
 
@@ -18,12 +19,24 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from timm_local.cli import ArgumentParser, command_line_errors, handle_errors, library_errors
 from timm_local.export import push_export_to_hub
 from timm_local.training import EXPORT_DIR, export_run
 
 
+def hub_errors() -> list[tuple[type, int]]:
+    """The library's errors and the hub's (not logged in, no such repository, refused upload)."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    return [(cls, 2) for cls in (*library_errors(), HfHubHTTPError, LocalTokenNotFoundError)]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return handle_errors(run, argv, hub_errors())
+
+
+def run(argv: Optional[Sequence[str]]) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run folder (or an export folder itself)")
     p.add_argument("repo_id", help="OWNER/NAME on the hub")
     p.add_argument("--private", action="store_true")
@@ -48,4 +61,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(handle_errors(main, None, [*hub_errors(), *command_line_errors()]))

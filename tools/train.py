@@ -2,13 +2,15 @@
 """Train a timm model with a local learning rule (AugLocal or a baseline) under Accelerate.
 
     python tools/train.py                                   # resnet20_cifar + AugLocal on scikit-learn digits
-    python tools/train.py --config configs/cifar10/resnet110_cifar_auglocal_d3.yaml --data-dir data/
+    python tools/train.py --config configs/cifar10/resnet110_cifar/auglocal_d3.yaml --data-dir data/
     accelerate launch tools/train.py --model resnet34 --method auglocal --dataset imagenet --data-dir /data/imagenet
-    accelerate launch --cpu --num_processes 2 tools/train.py --max-steps 2     # CPU data parallel (gloo)
+    accelerate launch --multi_gpu --num_processes 2 tools/train.py --max-steps 2   # 2 processes; on CPU: gloo
     python tools/train.py --output-dir runs/x --resume auto                    # continue after a stop/kill
 
-Every config key is a flag (see --help); flags override the --config recipe. The loop lives in
-timm_local.training.train; this file only parses arguments and reports errors.
+Every config key is a flag (see --help); flags override the --config recipe, and a resume without --config
+continues from the run folder's own config.yaml. The loop lives in timm_local.training.train; this file only
+parses arguments and reports errors: a user error is one line on stderr and exit code 2 (3: the run stopped
+on a non-finite loss or step); --debug (or TIMM_LOCAL_DEBUG=1) shows the traceback.
 """
 from __future__ import annotations
 
@@ -16,23 +18,21 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from timm_local.cli import command_line_errors, handle_errors, library_errors
 from timm_local.config import parse_config
-from timm_local.data import DatasetNotFoundError
-from timm_local.training import CheckpointMismatchError, NonFiniteLossError, train
+from timm_local.training import NonFiniteLossError, train
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    cfg = parse_config(argv, description=__doc__)
+    """The tool; called in-process (tests) it reports the library's errors with their exit code too."""
+    return handle_errors(run, argv, [(NonFiniteLossError, 3), *((cls, 2) for cls in library_errors())])
+
+
+def run(argv: Optional[Sequence[str]]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown the progress
-    try:
-        result = train(cfg)
-    except (DatasetNotFoundError, CheckpointMismatchError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    cfg = parse_config(argv, description=__doc__)
+    result = train(cfg)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
@@ -45,4 +45,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(handle_errors(main, None, command_line_errors()))

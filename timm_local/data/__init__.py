@@ -17,11 +17,13 @@ from .readers import IDX_STEMS, find_idx, read_idx
 from .recipes import DEFAULT_DATASET, RECIPES, DatasetRecipe, get_recipe, list_datasets
 from .resolve import DATA_DIR_ENV, HUB_PREFIX, load_image_sources, search_roots
 from .seeded import SeededTransformDataset
-from .sources import ArraySource, DatasetNotFoundError, HFSource, ImageSource, ImageSplits, TorchvisionSource
+from .sources import (ArraySource, CorruptImageError, DatasetNotFoundError, HFSource, ImageSource, ImageSplits,
+                      TorchvisionSource, image_file_sizes)
 from .transforms import build_transform, expand_stats
 
 __all__ = [
     "ArraySource",
+    "CorruptImageError",
     "DATA_DIR_ENV",
     "DEFAULT_DATASET",
     "DataConfig",
@@ -39,6 +41,7 @@ __all__ = [
     "create_datasets",
     "expand_stats",
     "find_idx",
+    "image_file_sizes",
     "get_recipe",
     "list_datasets",
     "load_image_sources",

@@ -1,6 +1,8 @@
 """The one call a run makes for its data: transformed train/test sets and a description of them."""
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -9,10 +11,12 @@ import numpy as np
 from .recipes import RECIPES, generic_recipe
 from .resolve import load_image_sources
 from .seeded import SeededTransformDataset
-from .sources import ImageSplits, TorchvisionSource
+from .sources import ImageSplits, TorchvisionSource, image_file_sizes
 from .transforms import build_transform, expand_stats
 
-__all__ = ["DataConfig", "create_datasets"]
+__all__ = ["DataConfig", "create_datasets", "native_image_size"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +62,26 @@ def _num_classes_of(splits: ImageSplits) -> int:
     return int(np.max(np.asarray(labels))) + 1
 
 
+def native_image_size(splits: ImageSplits, image_size: Optional[int]) -> Optional[int]:
+    """The input size of a dataset without a recipe, from the sizes of its image files (checked at start,
+    :func:`~timm_local.data.sources.image_file_sizes`): the most common one, with a warning when they differ.
+    None where the source is not image files (the first image's size is used)."""
+    sizes: Optional[Counter] = None
+    for source in (splits.train, splits.test):
+        found = image_file_sizes(source)
+        if found is not None:
+            sizes = found if sizes is None else sizes + found
+    if not sizes:
+        return None
+    common = max(sizes.most_common(1)[0][0])
+    if len(sizes) > 1:
+        counts = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sizes.most_common())
+        chosen = f"--image-size {image_size}" if image_size else f"{common} px, the most common (--image-size sets another)"
+        logger.warning("%s: images of %d different sizes (%s); all are resized to %s", splits.origin, len(sizes),
+                       counts, chosen)
+    return common
+
+
 def create_datasets(
     dataset: Optional[str] = None,
     data_dir: Optional[str] = None,
@@ -83,9 +107,10 @@ def create_datasets(
         raise ValueError(f"num_classes={num_classes} but the dataset has {found_classes} classes ({splits.origin}).")
     recipe = splits.recipe
     if recipe is None:
+        native = native_image_size(splits, image_size)
         first, _ = splits.train[0]
         native_chans = 1 if first.mode in ("L", "1", "I", "I;16", "F") else 3
-        recipe = generic_recipe(str(dataset), image_size or max(first.size), native_chans, found_classes)
+        recipe = generic_recipe(str(dataset), image_size or native or max(first.size), native_chans, found_classes)
     size = int(image_size or recipe.image_size)
     mean_ = expand_stats(mean if mean is not None else recipe.mean, in_chans)
     std_ = expand_stats(std if std is not None else recipe.std, in_chans)

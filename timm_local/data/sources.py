@@ -5,6 +5,7 @@ where the data came from.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
@@ -13,8 +14,8 @@ from PIL import Image
 
 from .recipes import DatasetRecipe
 
-__all__ = ["ArraySource", "DatasetNotFoundError", "HFSource", "IMAGE_EXTENSIONS", "ImageSource", "ImageSplits",
-           "TEST_SPLIT_NAMES", "TorchvisionSource", "detect_hf_columns"]
+__all__ = ["ArraySource", "CorruptImageError", "DatasetNotFoundError", "HFSource", "IMAGE_EXTENSIONS", "ImageSource",
+           "ImageSplits", "TEST_SPLIT_NAMES", "TorchvisionSource", "detect_hf_columns", "image_file_sizes"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 #: Names a held-out split goes by, in order of preference.
@@ -23,6 +24,10 @@ TEST_SPLIT_NAMES = ("test", "val", "validation", "valid")
 
 class DatasetNotFoundError(FileNotFoundError):
     """Raised when a dataset cannot be found locally. The message says where we looked and how to fix it."""
+
+
+class CorruptImageError(ValueError):
+    """An image that cannot be read or decoded. The message names the file (or the row) and what to do."""
 
 
 class ImageSource(Protocol):
@@ -70,8 +75,17 @@ class TorchvisionSource:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        img, label = self.dataset[index]
+        try:
+            img, label = self.dataset[index]
+        except Exception as e:  # PIL raises OSError, SyntaxError or ValueError by format: name the file whatever it is
+            raise CorruptImageError(f"{self.path(index)} cannot be decoded ({type(e).__name__}: {e}); replace or remove "
+                                    f"the file") from e
         return img, int(label)
+
+    def path(self, index: int) -> str:
+        """The file of sample ``index`` (image folders), else its position in the dataset."""
+        samples = getattr(self.dataset, "samples", None)
+        return str(samples[index][0]) if samples else f"sample {index} of {type(self.dataset).__name__}"
 
 
 class HFSource:
@@ -85,7 +99,12 @@ class HFSource:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        row = self.dataset[int(index)]
+        try:
+            row = self.dataset[int(index)]  # decodes the image
+        except Exception as e:  # name the row and the file holding it, whatever the decoder raised
+            files = [f["filename"] for f in getattr(self.dataset, "cache_files", [])]
+            raise CorruptImageError(f"row {index} of {files[0] if files else 'the HF dataset'} cannot be decoded "
+                                    f"({type(e).__name__}: {e})") from e
         img = row[self.image_column]
         if not isinstance(img, Image.Image):
             img = Image.fromarray(np.asarray(img))
@@ -112,3 +131,25 @@ def detect_hf_columns(dataset: Any, image_column: Optional[str], label_column: O
         raise ValueError(f"Could not find the image/label columns in features {list(features)}; set "
                          f"image_column / label_column in the config.")
     return image_column, label_column
+
+
+def image_file_sizes(source: ImageSource) -> Optional[Counter]:
+    """``(width, height) -> count`` of an image-folder source, every file opened and verified (PIL's
+    ``verify`` reads the file without decoding it), or None for sources that are not files.
+
+    Why at start: a file that is not an image, or is cut short, is then an error naming it before the run
+    writes anything, instead of a decoder error in the middle of an epoch.
+    """
+    samples = getattr(getattr(source, "dataset", None), "samples", None)
+    if samples is None:
+        return None
+    sizes: Counter = Counter()
+    for path, _ in samples:
+        try:
+            with Image.open(path) as img:
+                sizes[img.size] += 1
+                img.verify()
+        except Exception as e:  # UnidentifiedImageError, truncation, broken chunks: the file is unusable
+            raise CorruptImageError(f"{path} is not a readable image ({type(e).__name__}: {e}); replace or remove "
+                                    f"the file") from e
+    return sizes

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Sequence, TypeVar
 
 import torch.nn as nn
+
+if TYPE_CHECKING:  # (partition imports this module)
+    from ..partition import BlockSpec, Partition
 
 
 class FamilyAdapter(ABC):
@@ -12,6 +15,23 @@ class FamilyAdapter(ABC):
 
     name: ClassVar[str]
     model_classes: ClassVar[tuple[type, ...]]
+    #: How AugLocal's auxiliary copies are built. "paper": :meth:`make_block_like` builds a block of
+    #: the primary's type for any input width and stride 1 or 2 (AUGLOCAL.md §2.4-2.5). "shape": a
+    #: copy only accepts its primary block's own input shape, so a projection adapts the auxiliary
+    #: network's features to it (:meth:`make_shaped_copy`; the generic family, docs/method.md).
+    copy_rule: ClassVar[str] = "paper"
+
+    def supports(self, model: nn.Module) -> bool:
+        """Whether this adapter can cut ``model``; if not, lookup continues along the MRO.
+
+        A family adapter that copies only some of its class's block types says no for models built
+        from others (e.g. a ``ResNet`` of Res2Net blocks), so the generic family takes them.
+        """
+        return True
+
+    def cut(self, model: nn.Module, input_size: Sequence[int]) -> list[tuple[str, nn.Module]]:
+        """The local blocks for ``(C, H, W)`` inputs; :meth:`local_blocks` unless the cut depends on the size."""
+        return self.local_blocks(model)
 
     @abstractmethod
     def local_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -28,6 +48,10 @@ class FamilyAdapter(ABC):
     ) -> nn.Module:
         """A new, untrained block of ``block``'s type and configuration: in_chs -> out_chs at ``stride``."""
 
+    def make_shaped_copy(self, partition: "Partition", index: int, source: "BlockSpec") -> nn.Module:
+        """For ``copy_rule == "shape"``: a fresh copy of block ``index`` fed with ``source``-shaped features."""
+        raise NotImplementedError(f"the {self.name!r} family builds copies with make_block_like (copy_rule 'paper')")
+
 
 _ADAPTERS: dict[type, FamilyAdapter] = {}
 _A = TypeVar("_A", bound=type[FamilyAdapter])
@@ -41,22 +65,36 @@ def register_family(adapter_cls: _A) -> _A:
     return adapter_cls
 
 
+def unregister_family(adapter_cls: type[FamilyAdapter]) -> None:
+    """Remove what ``register_family(adapter_cls)`` registered (an experiment in a notebook or a test)."""
+    for cls in adapter_cls.model_classes:
+        if type(_ADAPTERS.get(cls)) is adapter_cls:
+            del _ADAPTERS[cls]
+
+
 def list_families() -> list[str]:
     """Names of the registered families, sorted."""
     return sorted({a.name for a in _ADAPTERS.values()})
 
 
 def adapter_for(model: nn.Module) -> FamilyAdapter:
+    """The first adapter along the model's MRO that supports it (the generic family is registered
+    for ``nn.Module``, so it is the fallback of every model no specific family takes)."""
     for cls in type(model).__mro__:
-        if cls in _ADAPTERS:
-            return _ADAPTERS[cls]
+        adapter = _ADAPTERS.get(cls)
+        if adapter is not None and adapter.supports(model):
+            return adapter
+    raise NotImplementedError(unsupported_message(model, "no family adapter is registered for it"))
+
+
+def unsupported_message(model: nn.Module, reason: str) -> str:
+    """The error text for a model timm_local cannot cut: why, the supported families, how to add one."""
     supported = ", ".join(
         f"{a.name} ({'/'.join(c.__name__ for c in a.model_classes)})"
         for a in {id(a): a for a in _ADAPTERS.values()}.values()
     )
-    raise NotImplementedError(
-        f"timm_local cannot cut a {type(model).__name__} into local blocks: no family adapter is "
-        f"registered for it. Supported families: {supported}. To add one, subclass "
-        "timm_local.families.FamilyAdapter and decorate it with @timm_local.register_family "
-        "(see docs/families.md)."
+    return (
+        f"timm_local cannot cut a {type(model).__name__} into local blocks: {reason}. Supported "
+        f"families: {supported}. To add one, subclass timm_local.families.FamilyAdapter and decorate it "
+        "with @timm_local.register_family (see docs/families.md)."
     )

@@ -90,6 +90,15 @@ class EfficientNetFamily(FamilyAdapter):
     name = "efficientnet"
     model_classes = (EfficientNet,)
 
+    def supports(self, model: nn.Module) -> bool:
+        """Models of the block types this adapter can copy; others (CondConv, space-to-depth) go generic."""
+        blocks = [b for stage in model.blocks for b in stage]
+        return (
+            all(isinstance(b, SUPPORTED_BLOCKS) and not isinstance(b, CondConvResidual) for b in blocks)
+            and all(getattr(b, "conv_s2d", None) is None for b in blocks)
+            and (not isinstance(model.conv_head, nn.Identity) or isinstance(model.bn2, nn.Identity))
+        )
+
     def local_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         blocks: list[tuple[str, nn.Module]] = [("stem", nn.Sequential(model.conv_stem, model.bn1))]
         for i, stage in enumerate(model.blocks):

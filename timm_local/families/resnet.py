@@ -15,16 +15,21 @@ class ResNetFamily(FamilyAdapter):
     name = "resnet"
     model_classes = (ResNet, CifarResNet)
 
+    def supports(self, model: nn.Module) -> bool:
+        """Only ResNets of timm's BasicBlock / Bottleneck; Res2Net, ResNeSt, SK blocks go to the generic family."""
+        return all(
+            isinstance(block, (BasicBlock, Bottleneck))
+            for stage in _stages(model) for block in stage
+        )
+
     def local_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         stem = [model.conv1, model.bn1, model.act1]
         if isinstance(getattr(model, "maxpool", None), nn.Module):
             stem.append(model.maxpool)
         blocks: list[tuple[str, nn.Module]] = [("stem", nn.Sequential(*stem))]
-        stage = 1
-        while hasattr(model, f"layer{stage}"):
-            for i, block in enumerate(getattr(model, f"layer{stage}")):
+        for stage, layer in enumerate(_stages(model), start=1):
+            for i, block in enumerate(layer):
                 blocks.append((f"layer{stage}.{i}", block))
-            stage += 1
         return blocks
 
     def make_block_like(
@@ -70,3 +75,11 @@ def _uses_avg_down(model: nn.Module) -> bool:
         isinstance(m, (BasicBlock, Bottleneck)) and isinstance(m.downsample, nn.Sequential) and len(m.downsample) == 3
         for m in model.modules()
     )
+
+
+def _stages(model: nn.Module) -> list[nn.Module]:
+    """``layer1``, ``layer2``, ... in order."""
+    stages = []
+    while hasattr(model, f"layer{len(stages) + 1}"):
+        stages.append(getattr(model, f"layer{len(stages) + 1}"))
+    return stages

@@ -42,7 +42,46 @@ def next_downsampling(specs: Sequence[BlockSpec], index: int) -> BlockSpec | Non
     return None
 
 
-def per_block_stages(partition: Partition, make_head: Callable[[int], LocalHead]) -> list[LocalStage]:
+#: The methods whose auxiliary networks work on any block output layout (tokens included).
+LAYOUT_FREE_METHODS = ("auglocal", "bp", "checkpoint")
+
+
+def require_feature_maps(partition: Partition, blocks: Sequence[int], method: str) -> None:
+    """Refuse token outputs: DGL / PredSim / InfoPro heads are convolutions over a (C, H, W) map.
+
+    Channels-last maps are fine (the heads see them permuted, :class:`ChannelsFirst`); a token
+    sequence (B, N, C) with class tokens has no grid to convolve, so the method is refused with
+    the methods that do work on the model.
+    """
+    for index in blocks:
+        spec = partition.specs[index]
+        if spec.layout == "NLC":
+            raise ValueError(
+                f"method {method!r} needs (B, C, H, W) feature maps, but local block {spec.name!r} of "
+                f"{type(partition.model).__name__} outputs tokens of shape (B, {spec.shape[0]}, {spec.shape[1]}); "
+                f"on this model use one of {', '.join(LAYOUT_FREE_METHODS)}"
+            )
+
+
+class ChannelsFirst(LocalHead):
+    """A feature-map head on a channels-last (B, H, W, C) block output: permutes, then delegates."""
+
+    def __init__(self, head: LocalHead) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features.permute(0, 3, 1, 2))
+
+    def local_loss(
+        self, features: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.head.local_loss(features.permute(0, 3, 1, 2), target, inputs)
+
+
+def per_block_stages(
+    partition: Partition, make_head: Callable[[int], LocalHead], method: str = "this method"
+) -> list[LocalStage]:
     """A head on every block but the last; the last block and the network's top form the final stage.
 
     This is the partition of DGL, PredSim and InfoPro in AUGLOCAL.md §3 (InfoPro on ResNet-32:
@@ -54,10 +93,13 @@ def per_block_stages(partition: Partition, make_head: Callable[[int], LocalHead]
             f"a per-block local method needs at least 2 local blocks, but the partition of "
             f"{type(partition.model).__name__} has {n}; use method='bp' for this model"
         )
+    require_feature_maps(partition, range(n - 1), method)
     stages = []
     for index in range(n - 1):
         head = make_head(index)
         init_like_primary(head)
+        if partition.specs[index].layout == "NHWC":
+            head = ChannelsFirst(head)
         stages.append(LocalStage([index], head))
     stages.append(LocalStage([n - 1]))
     return stages
@@ -155,9 +197,11 @@ class InfoProDecoder(nn.Module):
     """
 
     def __init__(
-        self, in_chs: int, mean: Sequence[float], std: Sequence[float], hidden_chs: int = 12
+        self, in_chs: int, mean: Sequence[float], std: Sequence[float], hidden_chs: int = 12,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
+        self.channels_last = channels_last  # features arrive (B, H, W, C): permute them first
         out_chs = len(mean)
         self.decoder = nn.Sequential(
             nn.Conv2d(in_chs, hidden_chs, kernel_size=3, padding=1),
@@ -180,6 +224,8 @@ class InfoProDecoder(nn.Module):
 
     def forward(self, features: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """Reconstruction logits at the input's spatial size."""
+        if self.channels_last:
+            features = features.permute(0, 3, 1, 2)
         x = F.interpolate(features, size=inputs.shape[-2:], mode="bilinear", align_corners=True)
         return self.decoder(x)
 

@@ -3,6 +3,10 @@
 Each block ℓ = 0..K-2 gets an auxiliary network made of fresh copies of a uniform selection
 of the blocks after it, with a depth that shrinks linearly towards the output (pyramidal
 schedule). The last D+1 blocks are trained together by the network's own loss.
+
+``heads="imagenet"`` follows the authors' ImageNet script instead: every block but the last gets
+an auxiliary network (one whose remaining blocks are fewer than its depth copies all of them), the
+last block alone is trained by the network's loss, and no auxiliary classifier has BatchNorm1d.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch.nn as nn
 
 from ..partition import BlockSpec, Partition
 from .base import LocalHead, LocalMethod, LocalStage, register_method
+from .model_pooling import model_pooling
 
 
 @dataclass(frozen=True)
@@ -37,8 +42,18 @@ def validate_hparams(aux_depth: int, tau: float) -> None:
         raise ValueError(f"tau (pyramidal depth coefficient) must be in [0, 1], got {tau!r}; 0 disables it")
 
 
-def num_local_stages_with_heads(num_blocks: int, aux_depth: int) -> int:
-    """K - 1: blocks 0..K-2 get an auxiliary network, with K = N - D."""
+#: Which blocks get an auxiliary network. "cifar": blocks 0..K-2 with K = N - D, the last D+1 blocks
+#: trained jointly by the network's loss (AUGLOCAL.md §2.1, the authors' CIFAR code). "imagenet": every
+#: block but the last, as the authors' ImageNet script (exp_imagenet) does, with no BatchNorm1d in heads.
+HEAD_RULES = ("cifar", "imagenet")
+
+
+def num_local_stages_with_heads(num_blocks: int, aux_depth: int, heads: str = "cifar") -> int:
+    """Number of auxiliary networks: K - 1 (blocks 0..K-2, K = N - D), or N - 1 for ``heads="imagenet"``."""
+    if heads == "imagenet":
+        if num_blocks < 2:
+            raise ValueError(f"a model of {num_blocks} local block has no block to give an auxiliary network")
+        return num_blocks - 1
     k = num_blocks - (aux_depth - 1)
     if k < 2:
         raise ValueError(
@@ -48,11 +63,15 @@ def num_local_stages_with_heads(num_blocks: int, aux_depth: int) -> int:
     return k - 1
 
 
-def pyramid_depths(num_blocks: int, aux_depth: int, tau: float) -> list[int]:
-    """D_i = max(1, round(D - τ (D-1) i / (K-2))) for i = 0..K-2 (Python round: half to even)."""
+def pyramid_depths(num_blocks: int, aux_depth: int, tau: float, heads: str = "cifar") -> list[int]:
+    """D_i = max(1, round(D - τ (D-1) i / (K-2))) for i = 0..K-2 (Python round: half to even).
+
+    With ``heads="imagenet"`` the same schedule runs over the N-1 heads (the ImageNet script's
+    ``paramid_coeff`` rule, whose denominator is N-2).
+    """
     validate_hparams(aux_depth, tau)
     d_blocks = aux_depth - 1
-    n_heads = num_local_stages_with_heads(num_blocks, aux_depth)
+    n_heads = num_local_stages_with_heads(num_blocks, aux_depth, heads)
     span = max(1, n_heads - 1)  # K-2; a single head (K=2) keeps the full depth
     return [max(1, round(d_blocks - tau * (d_blocks - 1) * i / span)) for i in range(n_heads)]
 
@@ -81,14 +100,40 @@ def downsampling_strides(block: int, selection: tuple[int, ...], specs: list[Blo
     return tuple(strides)
 
 
-def auglocal_plans(specs: list[BlockSpec], aux_depth: int, tau: float) -> list[AuxPlan]:
-    """The auxiliary network of every block 0..K-2, from the partition's block specs alone."""
+def shape_rule_strides(block: int, selection: tuple[int, ...], specs: list[BlockSpec]) -> tuple[int, ...]:
+    """Total stride of each auxiliary layer under the shape rule (generic copies, docs/method.md).
+
+    A generic copy of block j sees block j's own input resolution (a projection supplies the
+    missing downsampling), so each layer reduces by exactly what separates the previous copied
+    block's output from block j's.
+    """
+    strides, previous = [], specs[block].reduction
+    for j in selection:
+        strides.append(max(1, round(specs[j].reduction / previous)))
+        previous = specs[j].reduction
+    return tuple(strides)
+
+
+def auglocal_plans(
+    specs: list[BlockSpec], aux_depth: int, tau: float, heads: str = "cifar", shape_rule: bool = False
+) -> list[AuxPlan]:
+    """The auxiliary network of every head block (0..K-2, or 0..N-2), from the block specs alone.
+
+    ``shape_rule``: strides as generic copies realise them (:func:`shape_rule_strides`) rather
+    than the paper's downsampling deficit.
+    """
     n = len(specs)
+    strides_of = shape_rule_strides if shape_rule else downsampling_strides
     plans = []
-    for block, depth in enumerate(pyramid_depths(n, aux_depth, tau)):
+    for block, depth in enumerate(pyramid_depths(n, aux_depth, tau, heads)):
         selection = uniform_selection(block, depth, n)
-        plans.append(AuxPlan(block, depth, selection, downsampling_strides(block, selection, specs)))
+        plans.append(AuxPlan(block, depth, selection, strides_of(block, selection, specs)))
     return plans
+
+
+def partition_plans(partition: Partition, aux_depth: int, tau: float, heads: str = "cifar") -> list[AuxPlan]:
+    """:func:`auglocal_plans` with the stride rule of the partition's family."""
+    return auglocal_plans(partition.specs, aux_depth, tau, heads, shape_rule=partition.copies_keep_shape)
 
 
 class AugLocalHead(LocalHead):
@@ -102,10 +147,11 @@ class AugLocalHead(LocalHead):
     """
 
     def __init__(self, layers: list[nn.Module], num_features: int, num_classes: int, hidden: int = 0,
-                 norm: bool | None = None) -> None:
+                 norm: bool | None = None, pool: nn.Module | None = None) -> None:
         super().__init__()
         self.layers = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        # token / channels-last models pool as their own head does (model_pooling.ModelPooling)
+        self.pool = nn.AdaptiveAvgPool2d(1) if pool is None else pool
         norm = len(layers) == 1 if norm is None else norm
         self.norm = nn.BatchNorm1d(num_features) if norm else nn.Identity()
         self.mlp = nn.Sequential(
@@ -125,23 +171,49 @@ HEAD_NORM_RULES = ("paper", "always", "never")
 
 
 def build_auglocal_head(partition: Partition, plan: AuxPlan, num_classes: int, hidden: int = 0,
-                        head_norm: str = "paper") -> AugLocalHead:
+                        head_norm: str = "paper", heads: str = "cifar") -> AugLocalHead:
     layers = []
     in_chs = partition.specs[plan.block].out_chs
-    for j, stride in zip(plan.selection, plan.strides):
-        layers.append(partition.make_block_like(j, in_chs, stride))
-        in_chs = partition.specs[j].out_chs
-    norm = {"paper": None, "always": True, "never": False}[head_norm]
-    head = AugLocalHead(layers, in_chs, num_classes, hidden, norm)
+    if partition.copies_keep_shape:
+        source = partition.specs[plan.block]
+        for j in plan.selection:
+            layers.append(partition.make_shaped_copy(j, source))
+            source = partition.specs[j]
+        in_chs = source.out_chs
+    else:
+        for j, stride in zip(plan.selection, plan.strides):
+            layers.append(partition.make_block_like(j, in_chs, stride))
+            in_chs = partition.specs[j].out_chs
+    pool = None
+    paper_norm = None if heads == "cifar" else False
+    if partition.specs[plan.selection[-1]].layout != "NCHW":
+        pool = model_pooling(partition)
+        in_chs = pooled_width(pool, partition)
+        paper_norm = False  # the model's own norm (in its last block or its head) normalises the features
+    norm = {"paper": paper_norm, "always": True, "never": False}[head_norm]
+    head = AugLocalHead(layers, in_chs, num_classes, hidden, norm, pool)
     if isinstance(head.norm, nn.BatchNorm1d):
         nn.init.ones_(head.norm.weight)
         nn.init.zeros_(head.norm.bias)
     return head
 
 
+def pooled_width(pool: nn.Module, partition: Partition) -> int:
+    """Width of the model-style pooling's output on the last block's features (one probe)."""
+    spec = partition.specs[-1]
+    param = next(partition.model.parameters())
+    with torch.no_grad():
+        was_training = pool.training
+        pool.eval()
+        width = pool(torch.zeros(2, *spec.shape, device=param.device, dtype=param.dtype)).shape[-1]
+        pool.train(was_training)
+    return int(width)
+
+
 @register_method("auglocal")
 class AugLocal(LocalMethod):
-    def __init__(self, aux_depth: int = 3, tau: float = 0.5, head_hidden: int = 0, head_norm: str = "paper") -> None:
+    def __init__(self, aux_depth: int = 3, tau: float = 0.5, head_hidden: int = 0, head_norm: str = "paper",
+                 heads: str = "cifar") -> None:
         validate_hparams(aux_depth, tau)
         if not isinstance(head_hidden, int) or isinstance(head_hidden, bool) or head_hidden < 0:
             raise ValueError(f"head_hidden (width of the auxiliary classifier's two hidden layers) must be an "
@@ -149,21 +221,27 @@ class AugLocal(LocalMethod):
         if head_norm not in HEAD_NORM_RULES:
             raise ValueError(f"head_norm must be one of {HEAD_NORM_RULES}, got {head_norm!r}; 'paper' puts "
                              f"BatchNorm1d only in one-block heads (AUGLOCAL.md §2.6)")
+        if heads not in HEAD_RULES:
+            raise ValueError(f"heads must be one of {HEAD_RULES}, got {heads!r}: 'cifar' gives blocks 0..K-2 "
+                             f"an auxiliary network (K = N - D), 'imagenet' every block but the last")
         self.aux_depth = aux_depth
         self.tau = float(tau)
         self.head_hidden = head_hidden
         self.head_norm = head_norm
+        self.heads = heads
 
     def config(self) -> dict[str, Any]:
         # extensions only when used, so checkpoints written before they existed still match on resume
-        extras = {"head_hidden": self.head_hidden} if self.head_hidden else {}
+        extras: dict[str, Any] = {"head_hidden": self.head_hidden} if self.head_hidden else {}
         if self.head_norm != "paper":
             extras["head_norm"] = self.head_norm
+        if self.heads != "cifar":
+            extras["heads"] = self.heads
         return {"aux_depth": self.aux_depth, "tau": self.tau, **extras}
 
     def build(self, partition: Partition, num_classes: int) -> list[LocalStage]:
-        plans = auglocal_plans(partition.specs, self.aux_depth, self.tau)
+        plans = partition_plans(partition, self.aux_depth, self.tau, self.heads)
         stages = [LocalStage([p.block], build_auglocal_head(partition, p, num_classes, self.head_hidden,
-                                                            self.head_norm)) for p in plans]
+                                                            self.head_norm, self.heads)) for p in plans]
         stages.append(LocalStage(list(range(len(plans), len(partition)))))
         return stages

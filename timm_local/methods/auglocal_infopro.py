@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from ..partition import Partition, init_like_primary
-from ._shared import InfoProDecoder
-from .auglocal import auglocal_plans, build_auglocal_head, validate_hparams
+from ._shared import InfoProDecoder, require_feature_maps
+from .auglocal import build_auglocal_head, partition_plans, validate_hparams
 from .base import LocalMethod, LocalStage, register_method
 from .infopro import ReconstructionHead, ReconstructionWeights
 
@@ -44,10 +44,12 @@ class AugLocalInfoPro(ReconstructionWeights, LocalMethod):
 
     def build(self, partition: Partition, num_classes: int) -> list[LocalStage]:
         weights, mean, std = self._resolve(partition)
-        plans = auglocal_plans(partition.specs, self.aux_depth, self.tau)
+        plans = partition_plans(partition, self.aux_depth, self.tau)
+        require_feature_maps(partition, [p.block for p in plans], self.name)
         stages = []
         for k, plan in enumerate(plans):
-            decoder = InfoProDecoder(partition.specs[plan.block].out_chs, mean, std)
+            spec = partition.specs[plan.block]
+            decoder = InfoProDecoder(spec.out_chs, mean, std, channels_last=spec.layout == "NHWC")
             init_like_primary(decoder)
             lambda_x, lambda_y = weights.at(k, len(plans))
             head = ReconstructionHead(build_auglocal_head(partition, plan, num_classes), decoder, lambda_x, lambda_y)

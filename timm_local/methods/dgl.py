@@ -60,4 +60,4 @@ class DGL(LocalMethod):
     """Decoupled greedy learning: a small conv + MLP classifier on every block but the last."""
 
     def build(self, partition: Partition, num_classes: int) -> list[LocalStage]:
-        return per_block_stages(partition, lambda i: build_dgl_head(partition, i, num_classes))
+        return per_block_stages(partition, lambda i: build_dgl_head(partition, i, num_classes), self.name)

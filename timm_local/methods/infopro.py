@@ -176,4 +176,4 @@ class InfoPro(ReconstructionWeights, LocalMethod):
                 lambda_y,
             )
 
-        return per_block_stages(partition, make_head)
+        return per_block_stages(partition, make_head, self.name)

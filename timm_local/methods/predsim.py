@@ -114,4 +114,4 @@ class PredSim(LocalMethod):
             pool = predsim_pool_size(chs, *block_feature_size(partition, index), self.max_features)
             return PredSimHead(chs, pool, num_classes, self.sim_weight)
 
-        return per_block_stages(partition, make_head)
+        return per_block_stages(partition, make_head, self.name)

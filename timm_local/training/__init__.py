@@ -5,32 +5,36 @@
     config -> data -> model -> runner -> loop -> checkpoint / metrics / export
 
 ``builders`` (accelerator, datasets, model, optimizer/schedule), ``runners`` (sequential and pipelined
-engines behind one protocol), ``loop`` (:func:`fit`), ``checkpoint`` (atomic save, listing, resume,
-compatibility), ``metrics`` (metrics.jsonl + trackers), ``evaluate``, ``run`` (reading and exporting
+engines behind one protocol), ``loop`` (:func:`fit`), ``checkpoint`` (atomic, verified save, listing,
+rotation), ``resume`` (which checkpoint, compatibility, changes, history), ``finite`` (nothing non-finite
+stepped or saved), ``metrics`` (metrics.jsonl + trackers), ``evaluate``, ``run`` (reading and exporting
 finished run folders), ``plot`` (learning curves).
 """
 from __future__ import annotations
 
-from ..config import TrainConfig
+from ..config import TrainConfig, validate_config
 from .builders import build_local_model, eval_batch_size, run_datasets
-from .checkpoint import (CHECKPOINT_DIR, META_NAME, TMP_PREFIX, CheckpointMismatchError, latest_checkpoint,
-                         list_checkpoints, read_checkpoint_meta)
+from .checkpoint import (CHECKPOINT_DIR, META_NAME, TMP_PREFIX, CheckpointError, latest_checkpoint, list_checkpoints,
+                         newest_verified, read_checkpoint_meta, verify_checkpoint)
 from .evaluate import evaluate
-from .loop import NonFiniteLossError, fit
+from .finite import NonFiniteLossError
+from .loop import fit
 from .metrics import METRICS_NAME, read_metrics
 from .run import CONFIG_NAME, EXPORT_DIR, SavedRun, export_run, load_local_model, read_run
+from .resume import CheckpointMismatchError
 from .runners import RUNNERS, PipelineRunner, Runner, SequentialRunner, make_runner, pipeline_layout
 from .state import TrainResult, TrainState
 
 __all__ = [
-    "CHECKPOINT_DIR", "CONFIG_NAME", "CheckpointMismatchError", "EXPORT_DIR", "META_NAME", "METRICS_NAME",
+    "CHECKPOINT_DIR", "CONFIG_NAME", "CheckpointError", "CheckpointMismatchError", "EXPORT_DIR", "META_NAME", "METRICS_NAME",
     "NonFiniteLossError", "PipelineRunner", "RUNNERS", "Runner", "SavedRun", "SequentialRunner", "TMP_PREFIX",
     "TrainResult", "TrainState", "build_local_model", "eval_batch_size", "evaluate", "export_run", "fit",
-    "latest_checkpoint", "list_checkpoints", "load_local_model", "make_runner", "pipeline_layout",
-    "read_checkpoint_meta", "read_metrics", "read_run", "run_datasets", "train",
+    "latest_checkpoint", "list_checkpoints", "load_local_model", "make_runner", "newest_verified", "pipeline_layout",
+    "read_checkpoint_meta", "read_metrics", "read_run", "run_datasets", "train", "verify_checkpoint",
 ]
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg`` (single process, or every process of a launch) on the engine ``cfg.engine`` names."""
+    validate_config(cfg)
     return fit(cfg, make_runner(cfg))

@@ -14,16 +14,17 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from ..config import TrainConfig
-from ..data import DataConfig, create_datasets
+from ..config import ConfigError, TrainConfig
+from ..data import CorruptImageError, DataConfig, create_datasets
 from ..distributed import check_gpus_per_node
 from ..methods.base import method_hyperparameters
 from .checkpoint import register_for_checkpointing
 from .metrics import tracker_names
 from .state import TrainState
 
-__all__ = ["build_backbone", "build_local_model", "eval_batch_size", "freeze_batchnorm", "has_accelerator", "make_accelerator",
-           "make_loader", "method_kwargs", "prepare_optimization", "run_datasets"]
+__all__ = ["Schedule", "build_backbone", "build_local_model", "check_precision", "eval_batch_size", "freeze_batchnorm",
+           "has_accelerator", "make_accelerator", "make_loader", "method_kwargs", "prepare_optimization",
+           "restart_schedule", "run_datasets"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,13 @@ def has_accelerator() -> bool:
     if hasattr(torch, "accelerator"):
         return bool(torch.accelerator.is_available())
     return torch.cuda.is_available()
+
+
+def check_precision(cfg: TrainConfig) -> None:
+    """fp16 needs a GPU: Accelerate would otherwise train fp32 while the run's config says fp16."""
+    if cfg.mixed_precision == "fp16" and (cfg.cpu or not has_accelerator()):
+        raise ConfigError("--mixed-precision fp16 needs a GPU (its gradient scaling is CUDA-only) and this run is on "
+                          "the CPU; use --mixed-precision bf16 (works on CPUs) or no")
 
 
 def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Any:
@@ -77,7 +85,14 @@ def method_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     """
     kwargs = dict(cfg.method_kwargs or {})
     paper = {k: v for k, v in (("aux_depth", cfg.aux_depth), ("tau", cfg.tau)) if v is not None}
-    declared = method_hyperparameters(cfg.method)
+    try:
+        declared = method_hyperparameters(cfg.method)
+    except ValueError as e:  # unknown method: the message lists the registered ones
+        raise ConfigError(f"--method: {e}") from None
+    unknown = sorted(set(kwargs) - set(declared))
+    if unknown:
+        raise ConfigError(f"--method-kwargs: method {cfg.method!r} takes no {unknown}; it takes "
+                          f"{', '.join(sorted(declared)) or 'no hyper-parameters'}")
     dropped = [k for k in paper if k not in declared]
     if dropped:
         logger.warning("method %r takes no %s; ignoring them", cfg.method, " / ".join(dropped))
@@ -98,21 +113,34 @@ def build_backbone(cfg: TrainConfig, data: DataConfig) -> nn.Module:
 
 
 def build_local_model(cfg: TrainConfig, data: DataConfig) -> Any:
-    """The LocalModel of a run: the run's backbone with ``cfg.method``'s heads."""
+    """The LocalModel of a run: the run's backbone with ``cfg.method``'s heads.
+
+    A ValueError here (unknown model, a d or tau the model cannot take, ...) is about the run's choices, so it
+    is a :class:`ConfigError`: one line from the tools, raised before the run writes anything.
+    """
     from ..model import create_local_model
 
-    return create_local_model(build_backbone(cfg, data), method=cfg.method, method_kwargs=method_kwargs(cfg),
-                              input_size=(data.in_chans, data.image_size, data.image_size))
+    kwargs = method_kwargs(cfg)
+    try:
+        return create_local_model(build_backbone(cfg, data), method=cfg.method, method_kwargs=kwargs,
+                                  input_size=(data.in_chans, data.image_size, data.image_size))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def run_datasets(cfg: TrainConfig) -> tuple[Any, Any, DataConfig]:
     """The train and test sets of a run, exactly as its config describes them (both engines, diagnostics)."""
-    train_set, test_set, data = create_datasets(
-        cfg.dataset, cfg.data_dir, image_size=cfg.image_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
-        augment=cfg.augment, seed=cfg.seed, mean=cfg.mean, std=cfg.std, image_column=cfg.image_column,
-        label_column=cfg.label_column)
+    try:
+        train_set, test_set, data = create_datasets(
+            cfg.dataset, cfg.data_dir, image_size=cfg.image_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
+            augment=cfg.augment, seed=cfg.seed, mean=cfg.mean, std=cfg.std, image_column=cfg.image_column,
+            label_column=cfg.label_column)
+    except CorruptImageError:
+        raise
+    except ValueError as e:  # a dataset that does not fit the run's settings (classes, columns, layout)
+        raise ConfigError(str(e)) from e
     if len(train_set) < cfg.batch_size:
-        raise ValueError(f"the training set has {len(train_set)} images, fewer than one batch ({cfg.batch_size}); "
+        raise ConfigError(f"the training set has {len(train_set)} images, fewer than one batch ({cfg.batch_size}); "
                          f"lower --batch-size")
     return train_set, test_set, data
 
@@ -135,8 +163,61 @@ def make_loader(dataset: Any, batch_size: int, cfg: TrainConfig, shuffle: bool =
     )
 
 
+class Schedule:
+    """The per-update learning-rate schedule: a timm scheduler (or none), restartable at a step.
+
+    Checkpointed through the state_dict protocol as the timm scheduler's own state (the format of every
+    checkpoint so far), plus the restart step when there is one (:func:`restart_schedule`).
+    """
+
+    START_KEY = "timm_local_start_step"
+
+    def __init__(self, scheduler: Any, start_step: int = 0) -> None:
+        self.scheduler = scheduler
+        self.start_step = start_step
+
+    def step_update(self, global_step: int) -> None:
+        if self.scheduler is not None:
+            self.scheduler.step_update(num_updates=global_step - self.start_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.scheduler.state_dict() if self.scheduler is not None else {}
+        return {**state, self.START_KEY: self.start_step} if self.start_step else state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self.start_step = int(state.pop(self.START_KEY, 0))
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state)
+
+
+def _timm_scheduler(cfg: TrainConfig, optimizer: Any, steps_per_epoch: int, epochs: float, warmup: float) -> Any:
+    from timm.scheduler import create_scheduler_v2
+
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=epochs, warmup_epochs=warmup, warmup_prefix=True,
+        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    return scheduler
+
+
+def restart_schedule(cfg: TrainConfig, optimizer: Any, schedule: Schedule, step: int, steps_per_epoch: int) -> None:
+    """A resume that changes the schedule (``lr``, ``epochs``, ``sched``, ``min_lr``, warm-up): a fresh
+    ``cfg.sched`` schedule from ``cfg.lr`` at ``step`` to ``cfg.min_lr`` at the end of ``cfg.epochs``, without
+    warm-up -- what the flags say, applied from here on (the steps done keep the lr they were trained with)."""
+    remaining = cfg.epochs * steps_per_epoch - step
+    if remaining <= 0:
+        return
+    for group in optimizer.param_groups:  # timm takes the peak from initial_lr, which the checkpoint restored
+        group["lr"] = group["initial_lr"] = cfg.lr
+    schedule.scheduler = _timm_scheduler(cfg, optimizer, steps_per_epoch, remaining / steps_per_epoch, 0.0)
+    schedule.start_step = step
+    schedule.step_update(step)
+    logger.warning("the learning-rate schedule restarts at step %d: %s from lr=%g to %g over the remaining %d steps",
+                   step, cfg.sched, cfg.lr, cfg.min_lr, remaining)
+
+
 def prepare_optimization(cfg: TrainConfig, lm: Any, accelerator: Any, steps_per_epoch: int
-                         ) -> tuple[Any, Any, TrainState]:
+                         ) -> tuple[Any, Schedule, TrainState]:
     """timm optimizer + per-step schedule (linear warm-up, then cosine), prepared and registered for
     checkpointing together with the model and the run state.
 
@@ -145,20 +226,17 @@ def prepare_optimization(cfg: TrainConfig, lm: Any, accelerator: Any, steps_per_
     while keeping one LR schedule, one grad scaler and one checkpoint.
     """
     from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
 
     optimizer = create_optimizer_v2(lm, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum, filter_bias_and_bn=cfg.filter_bias_and_bn)
     warmup = float(min(cfg.warmup_epochs, cfg.epochs / 2)) if cfg.warmup_epochs else 0.0
     if warmup != cfg.warmup_epochs:
         logger.warning("warmup_epochs=%s >= half of epochs=%s: using %s", cfg.warmup_epochs, cfg.epochs, warmup)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=cfg.epochs - warmup, warmup_epochs=warmup, warmup_prefix=True,
-        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    schedule = Schedule(_timm_scheduler(cfg, optimizer, steps_per_epoch, cfg.epochs - warmup, warmup))
     optimizer = accelerator.prepare(optimizer)
     state = TrainState()
-    register_for_checkpointing(accelerator, lm, scheduler, state)
-    return optimizer, scheduler, state
+    register_for_checkpointing(accelerator, lm, schedule, state)
+    return optimizer, schedule, state
 
 
 def freeze_batchnorm(module: nn.Module) -> None:

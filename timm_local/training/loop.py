@@ -18,28 +18,25 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
 import yaml
 
-from ..config import TrainConfig
+from ..config import CONFIG_NAME, SCHEDULE_KEYS, TrainConfig, validate_config
 from ..distributed import RollCall
 from ..export import to_jsonable
-from .builders import (build_local_model, eval_batch_size, freeze_batchnorm, make_accelerator, make_loader,
-                       prepare_optimization, run_datasets)
-from .checkpoint import latest_checkpoint, resolve_resume, resume_state, run_meta, save_checkpoint
+from .builders import (build_local_model, check_precision, eval_batch_size, freeze_batchnorm, make_accelerator,
+                       make_loader, prepare_optimization, restart_schedule, run_datasets)
+from .checkpoint import latest_checkpoint, save_checkpoint
 from .evaluate import evaluate
-from .metrics import METRICS_NAME, WINDOW_KEYS, MetricsLog, scalar_config, tracker_names, train_row
-from .run import CONFIG_NAME, EXPORT_DIR, export_trained
+from .finite import FINITE_KEY, FiniteGuard, NonFiniteLossError, good_checkpoint, non_finite_advice, non_finite_message
+from .metrics import METRICS_NAME, MetricsLog, TrainWindow, scalar_config, tracker_names
+from .resume import discard_newer_checkpoints, resolve_resume, resume_state, run_history, run_meta
+from .run import EXPORT_DIR, export_trained
 from .runners import Runner
 from .state import TrainResult, TrainState
 
 __all__ = ["NonFiniteLossError", "close_epoch", "fit"]
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """A local loss became NaN/inf. The run stopped without stepping; the last good checkpoint is kept."""
 
 
 def close_epoch(cfg: TrainConfig, state: TrainState, epoch: int, steps_per_epoch: int, stopped_early: bool,
@@ -55,29 +52,20 @@ def close_epoch(cfg: TrainConfig, state: TrainState, epoch: int, steps_per_epoch
     return save("max_steps")
 
 
-def _non_finite_message(epoch: int, step: int, error: str, checkpoint: Optional[Path]) -> str:
-    return (f"Non-finite loss at epoch {epoch}, step {step} ({error}). Training stopped before the optimizer "
-            f"step. " + (f"The last good checkpoint is {checkpoint}; " if checkpoint else
-                         "No checkpoint was written yet; ")
-            + "lower --lr, use --warmup-epochs or --mixed-precision no, check --mean/--std, then resume with "
-              "--resume auto.")
-
-
 def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     """Train ``cfg`` with ``runner``'s engine (every process of a launch calls it) and export the backbone."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    # ---- set-up: nothing is written before the launch is known to work ----------------------------
+    # ---- set-up: nothing is written before the config, data, model and checkpoint are known to work --
+    validate_config(cfg)
+    check_precision(cfg)
     output_dir = cfg.resolved_output_dir()
     accelerator = make_accelerator(cfg, output_dir)
     world = accelerator.num_processes
     roll = RollCall.take(cfg.collective_timeout)  # every process of the launch is here, or who is not
     runner.check_launch(world)
     resume_from = resolve_resume(cfg, output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    roll.check_shared_folder(output_dir)  # checkpoints and resume need one folder seen by every node
     set_seed(cfg.seed)
 
     train_set, test_set, data = run_datasets(cfg)
@@ -86,27 +74,55 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     roll.barrier("the end of set-up (datasets read, model built)")  # a node whose set-up failed is named
     runner.attach(accelerator, lm, train_set, data)
     steps_per_epoch = runner.steps_per_epoch
-    optimizer, scheduler, state = prepare_optimization(cfg, lm, accelerator, steps_per_epoch)
+    optimizer, schedule, state = prepare_optimization(cfg, lm, accelerator, steps_per_epoch)
     meta = run_meta(cfg, lm, data, world)
+    changes: dict[str, Any] = {}
     if resume_from is not None:  # full model and optimizer everywhere: any engine, cut or W resumes
-        resume_state(accelerator, resume_from, meta, state, steps_per_epoch)
+        changes = resume_state(accelerator, resume_from, meta, cfg, state, steps_per_epoch)
+        if any(k in changes for k in SCHEDULE_KEYS):
+            restart_schedule(cfg, optimizer, schedule, state.global_step, steps_per_epoch)
     last_checkpoint = resume_from
+    window = TrainWindow()  # per-stage sums since the last train row
+    window.restore(state.window, accelerator)
+    guard = FiniteGuard(lm, check_gradients=accelerator.scaler is None)
 
+    # ---- from here on the run writes into its folder ------------------------------------------------
     resolved = {**cfg.to_dict(), "output_dir": str(output_dir), "data": dataclasses.asdict(data),
                 "method_config": lm.method_config,
                 "runtime": {"num_processes": world, "steps_per_epoch": steps_per_epoch,
                             "total_steps": steps_per_epoch * cfg.epochs, "device": str(accelerator.device),
+                            "mixed_precision": accelerator.mixed_precision,
                             "per_process_batch": runner.per_process_batch, **runner.runtime(),
-                            "resumed_from": str(resume_from) if resume_from else None}}
+                            "resumed_from": str(resume_from) if resume_from else None},
+                "history": run_history(output_dir, cfg, resume_from, state.global_step, changes)}
     if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        discard_newer_checkpoints(output_dir, resume_from)
         (output_dir / CONFIG_NAME).write_text(yaml.safe_dump(to_jsonable(resolved), sort_keys=False))
+    accelerator.wait_for_everyone()
+    roll.check_shared_folder(output_dir)  # checkpoints and resume need one folder seen by every node
     metrics = MetricsLog(accelerator, output_dir / METRICS_NAME, state.global_step if resume_from else None)
     if tracker_names(cfg.trackers):
         accelerator.init_trackers("timm_local", config=scalar_config(cfg.to_dict()))
 
+    def stop(what: str, inputs: Any = None) -> NonFiniteLossError:
+        """The non-finite stop: logged, trackers ended; the caller raises it."""
+        good = good_checkpoint(output_dir, state.global_step, inputs)
+        msg = non_finite_message(what, state.epoch, state.global_step, good, good == latest_checkpoint(output_dir),
+                                 non_finite_advice(cfg, inputs))
+        metrics.log({"kind": "error", "epoch": state.epoch, "step": state.global_step, "error": msg},
+                    write=None if runner.errors_agreed else True)  # a pipeline rank may be alone in knowing
+        progress.close()
+        accelerator.end_training()
+        return NonFiniteLossError(msg)
+
     def save(reason: str) -> Path:
         runner.consolidate(optimizer)
-        path = save_checkpoint(accelerator, output_dir, state, meta, cfg.keep_checkpoints)
+        problem = runner.agree_on_error(guard.check_state(optimizer))
+        if problem is not None:
+            raise stop(f"state before the checkpoint ({problem})")
+        state.window = window.state(accelerator)
+        path = save_checkpoint(accelerator, output_dir, state, {**meta, FINITE_KEY: True}, cfg.keep_checkpoints)
         if accelerator.is_main_process:
             logger.info("checkpoint (%s): %s", reason, path)
         return path
@@ -128,8 +144,6 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
         total_steps = min(total_steps, cfg.max_steps)
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_main_process,
                     desc=f"{cfg.model}/{lm.method_name}{runner.label}", dynamic_ncols=True)
-    window: Optional[dict[str, torch.Tensor]] = None  # per-stage sums since the last train row
-    window_t0 = time.perf_counter()
     while not stopped_early and state.epoch < cfg.epochs:
         epoch = state.epoch
         lm.train()
@@ -138,36 +152,33 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
         t_epoch = time.perf_counter()
         for x, y in runner.batches(epoch, state.step_in_epoch):
             optimizer.zero_grad(set_to_none=True)
+            guard.before_step()
             error: Optional[str] = None
             try:
                 with accelerator.autocast():
                     sums = runner.step(x, y)
             except FloatingPointError as e:  # raised by the engine before any optimizer step
-                error = str(e)
+                error = f"loss ({e})"
             error = runner.agree_on_error(error)
+            if error is None:
+                runner.sync_gradients(cfg.clip_grad)
+                problem = runner.agree_on_error(guard.check_step())
+                error = None if problem is None else f"step ({problem})"
             if error is not None:
-                msg = _non_finite_message(epoch, state.global_step, error, latest_checkpoint(output_dir))
-                metrics.log({"kind": "error", "epoch": epoch, "step": state.global_step, "error": msg})
-                progress.close()
-                accelerator.end_training()
-                raise NonFiniteLossError(msg)
-            runner.sync_gradients(cfg.clip_grad)
+                guard.undo_step()
+                raise stop(error, x)
             lr_used = optimizer.param_groups[0]["lr"]
             optimizer.step()
             state.global_step += 1
             state.step_in_epoch += 1
-            if scheduler is not None:
-                scheduler.step_update(num_updates=state.global_step)
+            schedule.step_update(state.global_step)
 
-            window = sums if window is None else {k: window[k] + v for k, v in sums.items()}
+            window.add(sums)
             progress.update(1)
             if state.global_step % cfg.log_every == 0 or state.step_in_epoch == steps_per_epoch:
-                # the one collective per logging window
-                totals = accelerator.reduce(torch.cat([window[k] for k in WINDOW_KEYS]), reduction="sum")
-                row = train_row(totals, epoch, state.global_step, lr_used, time.perf_counter() - window_t0)
+                row = window.row(accelerator, epoch, state.global_step, lr_used)  # the one collective per window
                 metrics.log(row)
                 progress.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}")
-                window, window_t0 = None, time.perf_counter()
             if cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0 \
                     and state.step_in_epoch < steps_per_epoch:
                 last_checkpoint = save("steps")

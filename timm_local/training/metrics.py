@@ -7,13 +7,14 @@ Rows have a ``kind``: ``train`` (every ``--log-every`` steps), ``eval``, ``error
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
-__all__ = ["METRICS_NAME", "MetricsLog", "WINDOW_KEYS", "read_metrics", "scalar_config", "tracker_names",
-           "train_row"]
+__all__ = ["METRICS_NAME", "MetricsLog", "TrainWindow", "WINDOW_KEYS", "read_metrics", "scalar_config",
+           "tracker_names", "train_row"]
 
 METRICS_NAME = "metrics.jsonl"
 #: The per-stage sums a training window accumulates, in the order they are all-reduced.
@@ -64,9 +65,11 @@ class MetricsLog:
             self.rows = rows
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    def log(self, row: dict[str, Any]) -> None:
+    def log(self, row: dict[str, Any], write: Optional[bool] = None) -> None:
+        """Append ``row`` (written by the main process, or where ``write`` says: an error only one process
+        knows of) and send its numbers to the trackers."""
         row = {k: v for k, v in row.items() if v is not None}
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process if write is None else write:
             self.rows.append(row)
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -96,3 +99,41 @@ def train_row(window: torch.Tensor, epoch: int, step: int, lr: float, elapsed: f
             "local_losses": [round(v, 5) for v in losses], "train_top1": acc[-1],
             "head_train_top1": [round(a, 3) for a in acc[:-1]],
             "samples_per_s": float(samples[-1]) / max(elapsed, 1e-9)}
+
+
+class TrainWindow:
+    """The per-stage sums (:data:`WINDOW_KEYS`) since the last ``train`` row.
+
+    Checkpointed (:meth:`state` into the loop position, :meth:`restore` on resume), so a run resumed between
+    two rows logs the rows an uninterrupted run logs. The saved sums are the totals over processes; on resume
+    the main process carries them and the others start from zero, so the next row's all-reduce gives the same
+    totals (bit-identical in one process; with several, the float64 loss sums may be added in another order).
+    """
+
+    def __init__(self) -> None:
+        self.sums: Optional[dict[str, torch.Tensor]] = None
+        self.t0 = time.perf_counter()
+
+    def add(self, sums: dict[str, torch.Tensor]) -> None:
+        self.sums = sums if self.sums is None else {k: self.sums[k] + v for k, v in sums.items()}
+
+    def _totals(self, accelerator: Any) -> torch.Tensor:
+        return accelerator.reduce(torch.cat([self.sums[k] for k in WINDOW_KEYS]), reduction="sum")
+
+    def row(self, accelerator: Any, epoch: int, step: int, lr: float) -> dict[str, Any]:
+        """The ``train`` row of the window (one all-reduce), which starts a new window."""
+        row = train_row(self._totals(accelerator), epoch, step, lr, time.perf_counter() - self.t0)
+        self.sums, self.t0 = None, time.perf_counter()
+        return row
+
+    def state(self, accelerator: Any) -> Optional[list[float]]:
+        """The totals so far, for the checkpoint (a collective: every process calls it)."""
+        return None if self.sums is None else self._totals(accelerator).tolist()
+
+    def restore(self, saved: Optional[list[float]], accelerator: Any) -> None:
+        if saved is None:
+            return
+        totals = torch.tensor(saved, dtype=torch.float64, device=accelerator.device)
+        if not accelerator.is_main_process:
+            totals = torch.zeros_like(totals)
+        self.sums = dict(zip(WINDOW_KEYS, totals.view(len(WINDOW_KEYS), -1).unbind(0)))

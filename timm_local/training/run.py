@@ -11,6 +11,7 @@ OUTPUT_DIR/
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -19,25 +20,25 @@ import torch
 import torch.nn as nn
 import yaml
 
-from ..config import TrainConfig
+from ..config import CONFIG_NAME, TrainConfig
 from ..data import DataConfig
 from ..export import export_backbone
+from ..version import __version__
 from .builders import build_backbone, build_local_model
-from .checkpoint import CHECKPOINT_DIR, latest_checkpoint, load_model_state, read_checkpoint_meta
+from .checkpoint import CHECKPOINT_DIR, load_model_state, newest_verified, verify_checkpoint
 from .metrics import read_metrics
 from .state import TrainState
 
 __all__ = ["CONFIG_NAME", "EXPORT_DIR", "SavedRun", "export_run", "export_trained", "load_local_model",
            "read_metrics", "read_run"]
 
-CONFIG_NAME = "config.yaml"
 EXPORT_DIR = "export"
+
+logger = logging.getLogger(__name__)
 
 
 def _export_metadata(cfg: TrainConfig, data: DataConfig, state: TrainState, method_name: str,
                      method_config: dict[str, Any]) -> dict[str, Any]:
-    from .. import __version__
-
     return {
         "method": method_name, "method_config": method_config, **method_config,
         "dataset": data.dataset, "model": cfg.model, "image_size": data.image_size,
@@ -68,16 +69,18 @@ class SavedRun:
 
 
 def read_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None) -> SavedRun:
-    """Read a run's ``config.yaml`` and one checkpoint (the latest complete one by default)."""
+    """Read a run's ``config.yaml`` and one checkpoint (by default the newest that verifies)."""
     run_dir = Path(run_dir)
     config_path = run_dir / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run (no {CONFIG_NAME})")
     resolved = yaml.safe_load(config_path.read_text())
-    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    ckpt, skipped = (Path(checkpoint), []) if checkpoint else newest_verified(run_dir)
+    for folder, why in skipped:
+        logger.warning("skipping checkpoint %s: %s", folder, why)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint under {CHECKPOINT_DIR}/")
-    meta = read_checkpoint_meta(ckpt)
+    meta = verify_checkpoint(ckpt)
     field_names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in resolved.items() if k in field_names})
     data_fields = {f.name for f in dataclasses.fields(DataConfig)}

@@ -33,6 +33,7 @@ class Runner(Protocol):
     label: str  # shown after the model/method on the progress bar
     steps_per_epoch: int
     per_process_batch: int
+    errors_agreed: bool  # every process learns of another's non-finite loss (else only the one that saw it)
 
     def check_launch(self, world_size: int) -> None:
         """Refuse a launch this engine cannot run (before anything is written)."""
@@ -69,6 +70,7 @@ class SequentialRunner:
     """Every process runs the whole local step on its share of the global batch (data parallel)."""
 
     label = ""
+    errors_agreed = True
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -151,6 +153,8 @@ class PipelineRunner:
     the engine averages gradients within replica groups; ``consolidate`` makes every process's model and
     optimizer equal the sequential engine's before evaluation, checkpoints and export.
     """
+
+    errors_agreed = False  # no per-step collective (it would stall the pipeline): the launcher stops the rest
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg

@@ -20,6 +20,8 @@ class TrainState:
     best_epoch: int = -1
     last_top1: Optional[float] = None
     train_time_s: float = 0.0
+    #: the train-metric sums since the last train row, summed over processes (:class:`~.metrics.TrainWindow`)
+    window: Optional[list[float]] = None
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
