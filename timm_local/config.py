@@ -108,6 +108,10 @@ class TrainConfig:
         "help": "pipeline engine: start stage index of each segment (YAML list); None = balanced cut"})
     pipeline_cost: Optional[str] = field(default=None, metadata={
         "help": "pipeline engine: cost measure of the balanced cut, time | macs; None = time"})
+    collective_timeout: float = field(default=1800.0, metadata={
+        "help": "seconds a process waits for the others in a collective (gradient all-reduce, broadcast, pipeline "
+                "send/recv, the start-up checks) before the run stops with an error naming the absent processes "
+                "(docs/distributed.md)"})
 
     # --- speed (timm train.py's flag names; docs/memory.md) ------------------------------------
     channels_last: bool = field(default=False, metadata={

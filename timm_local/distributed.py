@@ -8,15 +8,28 @@ flat buckets of one dtype and device, so a model with hundreds of parameters cos
 
 Everything here needs only an initialised ``torch.distributed`` process group (Accelerate's, torchrun's
 or :func:`timm_local.engine.launch_local`'s); with none, or a single process, it does nothing.
+
+:class:`RollCall` holds the launch checks of a multi-node run (every process arrived, the output folder
+is shared): where a launch cannot work, the run stops at start with a message naming the processes and
+hosts at fault, instead of hanging in its first collective.
 """
 from __future__ import annotations
 
+import os
+import re
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["BUCKET_BYTES", "GradientAverage", "average_gradients", "broadcast_tensors", "buckets", "is_distributed"]
+__all__ = ["BUCKET_BYTES", "GradientAverage", "RanksMissingError", "RollCall", "SharedFolderError", "average_gradients",
+           "broadcast_tensors", "buckets", "check_gpus_per_node", "is_distributed", "missing_ranks"]
 
 #: DDP's default bucket size (25 MiB).
 BUCKET_BYTES = 25 * 2**20
@@ -105,3 +118,130 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter], num_processes: i
     world = num_processes or dist.get_world_size()
     if world > 1:
         GradientAverage(parameters, world).finish()
+
+
+# ------------------------------------------------------------------------------------------------
+# launch checks
+# ------------------------------------------------------------------------------------------------
+class RanksMissingError(RuntimeError):
+    """Processes of a launch did not reach a synchronisation point in time: dead, hung, or launched differently."""
+
+
+class SharedFolderError(RuntimeError):
+    """The run folder is not one shared folder: some processes cannot see what the main process writes."""
+
+
+def check_gpus_per_node(local_processes: int, gpus: int) -> None:
+    """Refuse more processes on a node than it has GPUs: NCCL needs one GPU per process.
+
+    Without this check the run dies in the process group's set-up ("invalid device ordinal") or, when
+    two ranks share a device, NCCL stops with "duplicate GPU" -- neither says how to launch instead.
+    """
+    if local_processes > gpus:
+        raise ValueError(
+            f"{local_processes} processes were launched on {socket.gethostname()}, which has {gpus} GPU(s): NCCL "
+            f"needs one GPU per process. Launch at most --nproc-per-node {gpus} on this node (accelerate: "
+            f"--num_processes {gpus} x the number of machines), or pass --cpu for a CPU (gloo) run.")
+
+
+def missing_ranks(monitored_barrier_error: str) -> list[int]:
+    """The ranks a failed ``torch.distributed.monitored_barrier`` names on rank 0 ("Ranks 1, 3 failed to pass")."""
+    found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", monitored_barrier_error)
+    return [int(r) for r in found.group(1).replace(" ", "").split(",") if r] if found else []
+
+
+@dataclass
+class RollCall:
+    """Who is in this launch (host, local rank and pid of every process) and a host-side group to check it.
+
+    Why: a collective that a dead or hung process never joins waits (under NCCL until the watchdog's timeout)
+    and then fails without saying which process was missing. ``torch.distributed.monitored_barrier`` names
+    the ranks that did not arrive, but works on gloo only; under NCCL the roll call opens one gloo group for
+    these checks beside the training group. Single-process runs get a roll call whose checks do nothing.
+    """
+
+    timeout: timedelta
+    group: Any = None  # the gloo group the checks run on (None: the world group, when it is gloo)
+    processes: list[str] = field(default_factory=list)  # "host H (local rank L, pid P)" by global rank
+
+    @classmethod
+    def take(cls, timeout_s: float) -> "RollCall":
+        """Collective: check that every process of the launch arrived, then learn where each one runs."""
+        here = f"host {socket.gethostname()} (local rank {os.environ.get('LOCAL_RANK', 0)}, pid {os.getpid()})"
+        timeout = timedelta(seconds=timeout_s)
+        if not is_distributed():
+            return cls(timeout, None, [here])
+        gloo = "gloo" in str(dist.get_backend())  # also "cuda:nccl,cpu:gloo"
+        call = cls(timeout, None if gloo else dist.new_group(backend="gloo", timeout=timeout))
+        call.barrier("the start-up check")
+        call.processes = [""] * dist.get_world_size()
+        dist.all_gather_object(call.processes, here, group=call.group)
+        return call
+
+    def describe(self, ranks: Iterable[int]) -> str:
+        """``rank 1 on host b (local rank 0, pid 4242)``, for each of ``ranks``."""
+        known = len(self.processes)
+        return ", ".join(f"rank {r}" + (f" on {self.processes[r]}" if r < known and self.processes[r] else "")
+                         for r in ranks)
+
+    def barrier(self, where: str) -> None:
+        """Wait for every process; a :class:`RanksMissingError` naming the absent ones after ``timeout``."""
+        if not is_distributed():
+            return
+        try:
+            dist.monitored_barrier(self.group, timeout=self.timeout, wait_all_ranks=True)
+        except RuntimeError as e:
+            raise RanksMissingError(self._absent_message(where, str(e))) from e
+
+    def _absent_message(self, where: str, error: str) -> str:
+        seconds = f"{self.timeout.total_seconds():g} s"
+        hint = ("Every node must run the same command with the same --nnodes and rendezvous endpoint; look for "
+                "an earlier error in the absent processes' logs, or raise --collective-timeout if one node's "
+                "set-up is slow (e.g. a dataset on a slow file system).")
+        if dist.get_rank() == 0:
+            absent = missing_ranks(error)
+            who = self.describe(absent) if absent else "some process"
+            return f"{who} did not reach {where} within {seconds} (dead, hung, or never started). {hint}"
+        return (f"{self.describe([dist.get_rank()])} reached {where}, but the main process, {self.describe([0])}, "
+                f"did not confirm within {seconds} that every process did; rank 0's log names the absent ones. "
+                f"{hint}")
+
+    def check_shared_folder(self, folder: Path, wait_s: float = 5.0) -> None:
+        """Collective: every process sees what the main process writes into ``folder``, or a
+        :class:`SharedFolderError` naming the processes that do not.
+
+        Why: checkpoints are written by the main process and read by every process on resume, so a
+        multi-node run needs its output folder on a file system all nodes share. ``wait_s`` allows for
+        network file systems whose directory listings lag behind another client's write.
+        """
+        if not is_distributed():
+            return
+        main = [uuid.uuid4().hex, str(folder)]  # rank 0's token and folder
+        dist.broadcast_object_list(main, src=0, group=self.group)
+        token, main_folder = main
+        marker = Path(folder) / f".shared-folder-check-{token}"
+        if dist.get_rank() == 0:
+            marker.write_text(token)
+        self.barrier("the shared-folder check")
+        deadline = time.monotonic() + wait_s
+        while not (seen := _holds(marker, token)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        flags: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(flags, seen, group=self.group)
+        self.barrier("the shared-folder check")  # everybody has looked before the marker goes
+        if dist.get_rank() == 0:
+            marker.unlink(missing_ok=True)
+        blind = [r for r, ok in enumerate(flags) if not ok]
+        if blind:
+            raise SharedFolderError(
+                f"the run folder {main_folder} is not shared: {self.describe(blind)} cannot see the files the main "
+                f"process, {self.describe([0])}, writes there (or was given another --output-dir). Checkpoints are "
+                f"written by the main process and read by every process on resume: give every node the same "
+                f"--output-dir, on a file system they all mount at the same path (NFS, Lustre, ...).")
+
+
+def _holds(marker: Path, token: str) -> bool:
+    try:
+        return marker.read_text() == token
+    except OSError:
+        return False

@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
@@ -119,6 +120,8 @@ class PipelineTrainer:
             model's current device.
         sync_init: broadcast rank 0's weights to all ranks first (as DDP does), so that
             every replica and segment starts from the same model whatever each rank's seed.
+        timeout: how long the replica groups' gradient all-reduces wait for a lost replica
+            (default: torch's); the world group's own timeout is the launcher's.
         verbose: print the topology and the cut (rank 0).
     """
 
@@ -135,6 +138,7 @@ class PipelineTrainer:
         device: torch.device | str | None = None,
         sync_init: bool = True,
         verbose: bool = True,
+        timeout: timedelta | None = None,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
@@ -180,7 +184,7 @@ class PipelineTrainer:
         self._replica_group = None
         if topo.num_replicas > 1:
             for s in range(topo.num_segments):
-                group = dist.new_group(topo.replica_group_ranks(s))
+                group = dist.new_group(topo.replica_group_ranks(s), timeout=timeout)
                 if s == topo.segment:
                     self._replica_group = group
         self._prev = None if topo.prev_rank is None else ActivationLink(topo.prev_rank, self.device, self.comm_device)

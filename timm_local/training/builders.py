@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,6 +16,7 @@ import torch.nn as nn
 
 from ..config import ConfigError, TrainConfig
 from ..data import CorruptImageError, DataConfig, create_datasets
+from ..distributed import check_gpus_per_node
 from ..methods.base import method_hyperparameters
 from .checkpoint import register_for_checkpointing
 from .metrics import tracker_names
@@ -46,9 +48,14 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Any:
 
     ``split_batches=True``: ``batch_size`` is the paper's (global) batch whatever the number of processes.
     The seedable sampler makes the data order a function of (seed, epoch), which exact resume needs.
+    ``--collective-timeout`` becomes the process group's timeout: a dead or hung process (another node
+    lost) stops the run with an error instead of a hang.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
+
+    if not cfg.collective_timeout > 0:
+        raise ValueError(f"--collective-timeout must be a positive number of seconds, got {cfg.collective_timeout}")
 
     trackers = tracker_names(cfg.trackers)
     # Accelerate only selects multi-process CPU (gloo) when told to use the CPU; a torchrun-style launch
@@ -56,8 +63,11 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Any:
     # would otherwise start N independent single-process runs.
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) >= 0
     cpu = cfg.cpu or (launched and not has_accelerator())
+    if launched and not cpu and torch.cuda.is_available():
+        check_gpus_per_node(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
     return Accelerator(
         cpu=cpu,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))],
         mixed_precision=cfg.mixed_precision,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),

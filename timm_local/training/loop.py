@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from ..config import CONFIG_NAME, SCHEDULE_KEYS, TrainConfig, validate_config
+from ..distributed import RollCall
 from ..export import to_jsonable
 from ..memory import peak_memory_across_processes, reset_peak_memory
 from .builders import (build_local_model, check_precision, eval_batch_size, freeze_batchnorm, make_accelerator,
@@ -63,6 +64,7 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     output_dir = cfg.resolved_output_dir()
     accelerator = make_accelerator(cfg, output_dir)
     world = accelerator.num_processes
+    roll = RollCall.take(cfg.collective_timeout)  # every process of the launch is here, or who is not
     runner.check_launch(world)
     resume_from = resolve_resume(cfg, output_dir)
     set_seed(cfg.seed)
@@ -70,6 +72,7 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     train_set, test_set, data = run_datasets(cfg)
     test_loader = accelerator.prepare(make_loader(test_set, eval_batch_size(cfg, world), cfg))
     lm = build_local_model(cfg, data).to(accelerator.device)
+    roll.barrier("the end of set-up (datasets read, model built)")  # a node whose set-up failed is named
     runner.attach(accelerator, lm, train_set, data)
     steps_per_epoch = runner.steps_per_epoch
     optimizer, schedule, state = prepare_optimization(cfg, lm, accelerator, steps_per_epoch)
@@ -98,6 +101,7 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
         discard_newer_checkpoints(output_dir, resume_from)
         (output_dir / CONFIG_NAME).write_text(yaml.safe_dump(to_jsonable(resolved), sort_keys=False))
     accelerator.wait_for_everyone()
+    roll.check_shared_folder(output_dir)  # checkpoints and resume need one folder seen by every node
     metrics = MetricsLog(accelerator, output_dir / METRICS_NAME, state.global_step if resume_from else None)
     if tracker_names(cfg.trackers):
         accelerator.init_trackers("timm_local", config=scalar_config(cfg.to_dict()))
@@ -120,7 +124,8 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
             raise stop(f"state before the checkpoint ({problem})")
         state.window = window.state(accelerator)
         path = save_checkpoint(accelerator, output_dir, state, {**meta, FINITE_KEY: True}, cfg.keep_checkpoints)
-        logger.info("checkpoint (%s): %s", reason, path)
+        if accelerator.is_main_process:
+            logger.info("checkpoint (%s): %s", reason, path)
         return path
 
     def run_eval(epoch_done: int) -> dict[str, Any]:
@@ -138,7 +143,7 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
+    progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_main_process,
                     desc=f"{cfg.model}/{lm.method_name}{runner.label}", dynamic_ncols=True)
     while not stopped_early and state.epoch < cfg.epochs:
         epoch = state.epoch

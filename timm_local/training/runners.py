@@ -14,6 +14,7 @@ arithmetic by :mod:`timm_local.distributed` instead, and parameters start from p
 from __future__ import annotations
 
 import itertools
+from datetime import timedelta
 from typing import Any, Iterable, Optional, Protocol
 
 import torch
@@ -175,7 +176,8 @@ class PipelineRunner:
         self.trainer = PipelineTrainer(
             lm, self.segments, cut=self.cfg.pipeline_cut, cost_measure=self.cfg.pipeline_cost or "time",
             input_size=(data.in_chans, data.image_size, data.image_size), cost_batch_size=self.per_process_batch,
-            device=accelerator.device)  # broadcasts process 0's weights
+            device=accelerator.device,  # broadcasts process 0's weights
+            timeout=timedelta(seconds=self.cfg.collective_timeout))
         self.loader = None
         if self.trainer.is_first:
             sampler = DistributedSampler(train_set, num_replicas=self.replicas, rank=self.trainer.replica,
