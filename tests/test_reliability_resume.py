@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from run_helpers import different_tensors, error_lines, model_state, resume, train, train_tool
+from timm_local.memory import PEAK_MEMORY_KEYS
 from timm_local.training import CHECKPOINT_DIR, latest_checkpoint, list_checkpoints, read_metrics
 
 
@@ -104,7 +105,9 @@ checkpoint_every_steps: 2
 
 
 def _comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows if r["kind"] in ("train", "eval")]
+    """The rows without what is measured rather than computed (throughput, resident memory)."""
+    measured = {"samples_per_s", *PEAK_MEMORY_KEYS}
+    return [{k: v for k, v in r.items() if k not in measured} for r in rows if r["kind"] in ("train", "eval")]
 
 
 def test_resume_without_flags_continues_the_run_from_its_own_config(tmp_path):

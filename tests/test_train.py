@@ -5,6 +5,7 @@ Tiny on purpose (2 CPU cores shared): resnet20_cifar at 8x8 pixels, 16 training 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -218,10 +219,43 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(stopped_run, datas
     assert read_metrics(out)[-1]["kind"] == "error"
 
 
+def test_console_says_the_data_d_and_tau_used_and_one_line_per_epoch(tmp_path, caplog, capsys):
+    """The default dataset is named as the default at start; config.yaml's top level records what was used."""
+    out = tmp_path / "run"
+    caplog.set_level(logging.INFO, logger="timm_local")
+    assert run_train("--batch-size", "512", "--epochs", "2", "--output-dir", out) == 0  # digits: 2 steps/epoch
+    start = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training ")]
+    assert len(start) == 1 and "with auglocal (aux_depth=3, tau=0.5) on digits (the default" in start[0]
+    assert f"run folder {out}" in start[0]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]  # beside "done:"
+    evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    for line, row in zip(lines, evals):
+        assert f"test top-1 {row['top1']:.2f}%" in line and line.endswith(f"run folder {out}")
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["dataset"], saved["aux_depth"], saved["tau"]) == ("digits", 3, 0.5)
+    # and the run resumes from that config.yaml as it is (the filled-in values are no change)
+    assert run_train("--batch-size", "512", "--output-dir", out, "--resume", "auto", "--epochs", "3") == 0
+    assert [r["epoch"] for r in read_metrics(out) if r["kind"] == "eval"] == [1, 2, 3]
+
+
 def test_plot_tool(straight_run, stopped_run, tmp_path):
     out = tmp_path / "curves.png"
     assert plot_tool.main([str(straight_run), str(stopped_run), "--out", str(out)]) == 0
-    assert out.stat().st_size > 10_000
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_plot_tool_writes_beside_the_first_run_not_into_the_working_directory(straight_run, tmp_path, monkeypatch,
+                                                                               capsys):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert plot_tool.main([str(run)]) == 0
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert list(elsewhere.iterdir()) == []
+    assert f"wrote {run / 'curves.png'}" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------

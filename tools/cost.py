@@ -67,8 +67,13 @@ def human(key: str, value: Any) -> str:
     return str(value)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    measure(parse_args(argv))
+    return 0
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """The report of ``args``, printed (``--json``: as one JSON object) and returned."""
     started = time.perf_counter()
 
     def progress(message: str) -> None:
@@ -97,4 +102,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":  # a user error is one line on stderr, exit code 2 (--debug: the traceback)
-    sys.exit(handle_errors(lambda argv: main(argv) and 0, None, command_line_errors()))
+    sys.exit(handle_errors(main, None, command_line_errors()))

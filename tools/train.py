@@ -26,9 +26,8 @@ from typing import Optional, Sequence
 
 from timm_local.cli import command_line_errors, handle_errors, library_errors
 from timm_local.config import parse_config
-from timm_local.memory import allocator_name, default_cuda_alloc_conf
+from timm_local.memory import default_cuda_alloc_conf
 from timm_local.training import NonFiniteLossError, train
-from timm_local.training.builders import has_accelerator
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -37,18 +36,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run(argv: Optional[Sequence[str]]) -> int:
-    alloc_conf = default_cuda_alloc_conf()  # before the first CUDA allocation
+    default_cuda_alloc_conf()  # before the first CUDA allocation; the run's start lines say the route
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown the progress
     cfg = parse_config(argv, description=__doc__)
-    log = logging.getLogger("timm_local.train")
-    if cfg.cpu or not has_accelerator():
-        allocator = allocator_name()
-        log.info("host memory allocator: %s%s", allocator, "" if allocator != "glibc" else
-                 " (its caching hides most of the activation memory local learning frees; launch with "
-                 "`python -m torch.backends.xeon.run_cpu --enable-tcmalloc tools/train.py ...`, docs/memory.md)")
-    else:
-        log.info("PYTORCH_CUDA_ALLOC_CONF=%s", alloc_conf)
     result = train(cfg)
     from accelerate import PartialState
 

@@ -27,9 +27,11 @@ from ..memory import peak_memory_across_processes, reset_peak_memory
 from .builders import (build_local_model, check_precision, eval_batch_size, freeze_batchnorm, make_accelerator,
                        make_loader, prepare_optimization, restart_schedule, run_datasets)
 from .checkpoint import latest_checkpoint, save_checkpoint
+from .console import epoch_line, memory_route_line, start_line
 from .evaluate import evaluate
 from .finite import FINITE_KEY, FiniteGuard, NonFiniteLossError, good_checkpoint, non_finite_advice, non_finite_message
 from .metrics import METRICS_NAME, MetricsLog, TrainWindow, scalar_config, tracker_names
+from .resolved import resolve_choices
 from .resume import discard_newer_checkpoints, resolve_resume, resume_state, run_history, run_meta
 from .run import EXPORT_DIR, export_trained
 from .runners import Runner
@@ -57,6 +59,7 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     """Train ``cfg`` with ``runner``'s engine (every process of a launch calls it) and export the backbone."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     # ---- set-up: nothing is written before the config, data, model and checkpoint are known to work --
     validate_config(cfg)
@@ -72,6 +75,8 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     train_set, test_set, data = run_datasets(cfg)
     test_loader = accelerator.prepare(make_loader(test_set, eval_batch_size(cfg, world), cfg))
     lm = build_local_model(cfg, data).to(accelerator.device)
+    default_dataset = cfg.dataset is None
+    cfg = resolve_choices(cfg, data, lm)  # config.yaml and checkpoints say the dataset, d and tau used
     roll.barrier("the end of set-up (datasets read, model built)")  # a node whose set-up failed is named
     runner.attach(accelerator, lm, train_set, data)
     steps_per_epoch = runner.steps_per_epoch
@@ -86,6 +91,7 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     window = TrainWindow()  # per-stage sums since the last train row
     window.restore(state.window, accelerator)
     guard = FiniteGuard(lm, check_gradients=accelerator.scaler is None)
+    console: dict[str, Any] = {}  # the latest train loss and eval row, for each epoch's console line
 
     # ---- from here on the run writes into its folder ------------------------------------------------
     resolved = {**cfg.to_dict(), "output_dir": str(output_dir), "data": dataclasses.asdict(data),
@@ -134,8 +140,9 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
         state.last_top1 = result["top1"]
         if result["top1"] > state.best_top1:
             state.best_top1, state.best_epoch = result["top1"], epoch_done
-        metrics.log({"kind": "eval", "epoch": epoch_done, "step": state.global_step, **result,
-                     "best_top1": state.best_top1})
+        row = {"kind": "eval", "epoch": epoch_done, "step": state.global_step, **result, "best_top1": state.best_top1}
+        metrics.log(row)
+        console["eval"] = row
         return result
 
     # ---- train ---------------------------------------------------------------------------------
@@ -143,53 +150,62 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
+    if accelerator.is_main_process:
+        logger.info(start_line(cfg, data, lm, output_dir, world, default_dataset))
+        logger.info(memory_route_line(accelerator.device))
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_main_process,
                     desc=f"{cfg.model}/{lm.method_name}{runner.label}", dynamic_ncols=True)
-    while not stopped_early and state.epoch < cfg.epochs:
-        epoch = state.epoch
-        lm.train()
-        if cfg.freeze_bn:
-            freeze_batchnorm(lm)
-        t_epoch = time.perf_counter()
-        reset_peak_memory(accelerator.device)  # train rows carry this epoch's peak memory so far
-        for x, y in runner.batches(epoch, state.step_in_epoch):
-            optimizer.zero_grad(set_to_none=True)
-            guard.before_step()
-            error: Optional[str] = None
-            try:
-                with accelerator.autocast():
-                    sums = runner.step(x, y)
-            except FloatingPointError as e:  # raised by the engine before any optimizer step
-                error = f"loss ({e})"
-            error = runner.agree_on_error(error)
-            if error is None:
-                runner.sync_gradients(cfg.clip_grad)
-                problem = runner.agree_on_error(guard.check_step())
-                error = None if problem is None else f"step ({problem})"
-            if error is not None:
-                guard.undo_step()
-                raise stop(error, x)
-            lr_used = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            state.global_step += 1
-            state.step_in_epoch += 1
-            schedule.step_update(state.global_step)
+    with logging_redirect_tqdm():  # log lines above the bar, never glued onto it
+        while not stopped_early and state.epoch < cfg.epochs:
+            epoch = state.epoch
+            lm.train()
+            if cfg.freeze_bn:
+                freeze_batchnorm(lm)
+            t_epoch = time.perf_counter()
+            reset_peak_memory(accelerator.device)  # train rows carry this epoch's peak memory so far
+            for x, y in runner.batches(epoch, state.step_in_epoch):
+                optimizer.zero_grad(set_to_none=True)
+                guard.before_step()
+                error: Optional[str] = None
+                try:
+                    with accelerator.autocast():
+                        sums = runner.step(x, y)
+                except FloatingPointError as e:  # raised by the engine before any optimizer step
+                    error = f"loss ({e})"
+                error = runner.agree_on_error(error)
+                if error is None:
+                    runner.sync_gradients(cfg.clip_grad)
+                    problem = runner.agree_on_error(guard.check_step())
+                    error = None if problem is None else f"step ({problem})"
+                if error is not None:
+                    guard.undo_step()
+                    raise stop(error, x)
+                lr_used = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                state.global_step += 1
+                state.step_in_epoch += 1
+                schedule.step_update(state.global_step)
 
-            window.add(sums)
-            progress.update(1)
-            if state.global_step % cfg.log_every == 0 or state.step_in_epoch == steps_per_epoch:
-                row = window.row(accelerator, epoch, state.global_step, lr_used)  # the one collective per window
-                row.update(peak_memory_across_processes(accelerator))  # this epoch's peak so far
-                metrics.log(row)
-                progress.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}")
-            if cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0 \
-                    and state.step_in_epoch < steps_per_epoch:
-                last_checkpoint = save("steps")
-            if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
-                stopped_early = True
-                break
-        state.train_time_s += time.perf_counter() - t_epoch
-        last_checkpoint = close_epoch(cfg, state, epoch, steps_per_epoch, stopped_early, run_eval, save)
+                window.add(sums)
+                progress.update(1)
+                if state.global_step % cfg.log_every == 0 or state.step_in_epoch == steps_per_epoch:
+                    row = window.row(accelerator, epoch, state.global_step, lr_used)  # the one collective per window
+                    row.update(peak_memory_across_processes(accelerator))  # this epoch's peak so far
+                    metrics.log(row)
+                    console["loss"] = row["loss"]
+                    progress.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}")
+                if cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0 \
+                        and state.step_in_epoch < steps_per_epoch:
+                    last_checkpoint = save("steps")
+                if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
+                    stopped_early = True
+                    break
+            state.train_time_s += time.perf_counter() - t_epoch
+            console.pop("eval", None)
+            last_checkpoint = close_epoch(cfg, state, epoch, steps_per_epoch, stopped_early, run_eval, save)
+            if accelerator.is_main_process:
+                progress.write(epoch_line(epoch + 1, cfg.epochs, console.get("loss"), console.get("eval"),
+                                          time.perf_counter() - t_epoch, output_dir, partial=state.epoch == epoch))
     progress.close()
 
     # ---- finish: final evaluation (if the last state was not evaluated) and export ---------------

@@ -24,6 +24,7 @@ from .checkpoint import (CHECKPOINT_DIR, CHECKPOINT_PREFIX, CUSTOM_OBJECTS, META
                          checkpoint_folders, checkpoint_step, newest_verified, read_checkpoint_meta, remove_checkpoint,
                          verify_checkpoint)
 from .metrics import METRICS_NAME
+from .resolved import fill_resolved
 from .run import EXPORT_DIR
 from .state import TrainState
 
@@ -161,6 +162,7 @@ def check_compatible(meta: dict[str, Any], expected: dict[str, Any], checkpoint:
 def resume_changes(meta: dict[str, Any], cfg: TrainConfig, checkpoint: Path) -> dict[str, dict[str, Any]]:
     """What ``cfg`` changes of the configuration the checkpoint was trained with; refuses what cannot change."""
     before = meta.get("config") or {k: meta[k] for k in ("batch_size", "epochs", "lr") if k in meta}
+    before = fill_resolved(before, meta.get("dataset"), meta.get("method_config") or {})
     changes = config_changes(before, cfg)
     refused = [k for k in FIXED_ON_RESUME if k in changes]
     precision = changes.get("mixed_precision")
