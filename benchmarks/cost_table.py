@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import statistics
 import sys
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 
 import timm_local
+from results_io import write_results
 from timm_local.cost import (count_macs, describe_machine, macs_per_sample, median_step_time, parameter_counts,
                              peak_step_memory, profile_step)
 from timm_local.process_cost import StepCase, process_step_memory
@@ -371,14 +371,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("need --steps >= 1, --warmup >= 0 and --batch-size >= 2 (BatchNorm1d heads)")
 
     result = measure(args)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device).type
     stem = args.out_dir / f"cost_table_{args.model}_{device}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    markdown = to_markdown(result)
-    stem.with_suffix(".md").write_text(markdown)
-    print(markdown)
-    print(f"wrote {stem}.md and {stem}.json")
+    write_results(stem, result, to_markdown(result))
     return result
 
 

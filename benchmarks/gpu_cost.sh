@@ -10,20 +10,7 @@
 # Budget: about 1-2 min of MAC counting and model building, 3 warm-up + 10 timed interleaved
 # rounds of 10 methods (about 0.1-0.8 s per step on an H100/3090-class GPU); hard stop at 7.5 min.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
-elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
-else PY=python3; fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT_DIR="${OUT_DIR:-benchmarks/results}"
-
-"$PY" - <<'PY'
-import sys, torch
-if not torch.cuda.is_available():
-    sys.exit(f"gpu_cost.sh: torch {torch.__version__} sees no CUDA device; run it on a GPU machine")
-print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
-PY
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+source "$(dirname "$0")/gpu_preamble.sh"   # PY, PYTHONPATH, OUT_DIR; stops without CUDA
 
 timeout --signal=INT 450 "$PY" benchmarks/cost_table.py \
   --model resnet110_cifar --input-size 32 --batch-size 1024 \

@@ -10,20 +10,7 @@
 # case (about 10-20 s each: start-up, one warm-up and 3 timed SGD steps), one round; hard stop at 7.5 min.
 # Uses .venv/bin/python when present (else $PYTHON, else python3).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
-elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
-else PY=python3; fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT_DIR="${OUT_DIR:-benchmarks/results}"
-
-"$PY" - <<'PY'
-import sys, torch
-if not torch.cuda.is_available():
-    sys.exit(f"gpu_memory.sh: torch {torch.__version__} sees no CUDA device; run it on a GPU machine")
-print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
-PY
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+source "$(dirname "$0")/gpu_preamble.sh"   # PY, PYTHONPATH, OUT_DIR; stops without CUDA
 
 timeout --signal=INT 450 "$PY" benchmarks/real_memory.py --device cuda \
   --model resnet110_cifar --batch-size 1024 --threads 0 --rounds 1 --steps 3 \

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from results_io import write_results
 from timm_local.cost import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,10 +104,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     result = {"measured": _dt.datetime.now().isoformat(timespec="seconds"), "argv": argv or sys.argv[1:],
               "recipe": RECIPE, "machine": describe_machine(), "runs": runs,
               "deterministic_per_threads": all(len(v) == 1 for v in by_threads.values())}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "quick_run_threads.json").write_text(json.dumps(result, indent=2))
-    (args.out_dir / "quick_run_threads.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    write_results(args.out_dir / "quick_run_threads", result, to_markdown(result))
     return result
 
 

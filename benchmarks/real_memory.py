@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from results_io import write_results
 from timm_local.cost import describe_machine
 from timm_local.process_cost import StepCase, measure_step_case
 
@@ -332,13 +333,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                      else "need --steps >= 1, --rounds >= 1 and --batch-size >= 2")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     result = measure(args)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / (args.name or f"real_memory_{args.model}{'_cuda' if args.device.startswith('cuda') else ''}")
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    markdown = to_markdown(result)
-    stem.with_suffix(".md").write_text(markdown)
-    print(markdown)
-    print(f"wrote {stem}.md and {stem}.json")
+    write_results(stem, result, to_markdown(result))
     return result
 
 
