@@ -20,7 +20,8 @@ from script_loader import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-SCRIPTS = [*sorted((ROOT / "tools").glob("*.py")), *sorted((ROOT / "benchmarks").glob("*.py"))]
+SCRIPTS = [p for p in [*sorted((ROOT / "tools").glob("*.py")), *sorted((ROOT / "benchmarks").glob("*.py"))]
+           if 'if __name__ == "__main__"' in p.read_text()]  # scripts, not the helpers they import
 REPO_DIRS = ("configs", "docs", "tools", "benchmarks", "det", "timm_local", "tests")
 LAUNCHERS = ("python", "accelerate", "torchrun", "make", ".venv/bin/python", "bash")
 
