@@ -86,9 +86,20 @@ def test_channels_last_export_is_the_contiguous_export(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_compiled_blocks_and_heads_match_eager_and_keep_timm_keys() -> None:
-    """Compiling takes minutes on a 2-core CPU (one graph per block shape)."""
+    """The compile wiring (each block and head compiled in place, the per-stage backward kept), checked with
+    dynamo + AOTAutograd on eager kernels (``aot_eager``), which must give the eager step exactly. Inductor's
+    CPU kernels round differently (docs/memory.md): its gradients are checked for losses only."""
     eager = tiny("auglocal", aux_depth=2)
     compiled = copy.deepcopy(eager)
-    assert compile_blocks_and_heads(compiled) == len(compiled.partition.blocks) + len(compiled.heads)
+    assert compile_blocks_and_heads(compiled, backend="aot_eager") == len(compiled.partition.blocks) + len(compiled.heads)
     assert list(compiled.backbone.state_dict()) == list(eager.backbone.state_dict())  # no _orig_mod. prefixes
-    assert_same_step(eager, compiled)
+    x, y = batch()
+    out_ref, out = eager.local_step(x, y), compiled.local_step(x, y)
+    assert torch.equal(torch.stack(out.losses), torch.stack(out_ref.losses)) and torch.equal(out.logits, out_ref.logits)
+    for (name, p_ref), p in zip(eager.named_parameters(), compiled.parameters()):
+        assert (p.grad is None) == (p_ref.grad is None) and (p.grad is None or torch.equal(p.grad, p_ref.grad)), name
+    inductor = copy.deepcopy(tiny("auglocal", aux_depth=2))
+    compile_blocks_and_heads(inductor)
+    out_inductor = inductor.local_step(x, y)
+    torch.testing.assert_close(torch.stack(out_inductor.losses), torch.stack(out_ref.losses), rtol=1e-5, atol=1e-6)
+    assert all(p.grad is not None for p in inductor.parameters() if p.requires_grad)

@@ -21,8 +21,10 @@ you set it (or PYTORCH_ALLOC_CONF); on the CPU, launch through PyTorch's CPU lau
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import Optional, Sequence
+import traceback
+from typing import Callable, Optional, Sequence
 
 from timm_local.cli import command_line_errors, handle_errors, library_errors
 from timm_local.config import parse_config
@@ -52,5 +54,26 @@ def run(argv: Optional[Sequence[str]]) -> int:
     return 0
 
 
+def exit_without_teardown_on_failure(entry: Callable[[], int]) -> int:
+    """``entry()``; if it raises inside a multi-process launch, print the traceback and leave at once.
+
+    Why: after a collective timed out (a hung or lost node), the interpreter's normal shutdown destroys
+    the process groups, and gloo's teardown may wait on the peer that is gone -- the process that reported
+    the error would then never exit and its launcher never learn of it. Checkpoints are written atomically,
+    so leaving without teardown loses nothing that was saved.
+    """
+    from timm_local.distributed import is_distributed
+
+    try:
+        return entry()
+    except BaseException:
+        if not is_distributed():
+            raise
+        traceback.print_exc()
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)
+
+
 if __name__ == "__main__":
-    sys.exit(handle_errors(main, None, command_line_errors()))
+    sys.exit(exit_without_teardown_on_failure(lambda: handle_errors(main, None, command_line_errors())))
