@@ -22,7 +22,8 @@ from typing import Any, Optional
 import psutil
 import torch
 
-__all__ = ["CUDA_ALLOC_CONF_DEFAULT", "MiB", "PEAK_MEMORY_KEYS", "allocator_name", "default_cuda_alloc_conf", "format_bytes",
+__all__ = ["CUDA_ALLOC_CONF_DEFAULT", "MiB", "PEAK_MEMORY_KEYS", "allocator_name", "cuda_alloc_conf",
+           "default_cuda_alloc_conf", "format_bytes",
            "peak_memory_across_processes", "peak_memory_mb", "peak_rss_bytes", "reset_peak_memory", "reset_peak_rss",
            "rss_bytes"]
 
@@ -122,11 +123,19 @@ def default_cuda_alloc_conf(environ: Any = os.environ) -> Optional[str]:
     Must run before the first CUDA allocation (the caching allocator reads its configuration once).
     ``PYTORCH_ALLOC_CONF`` is the newer name of ``PYTORCH_CUDA_ALLOC_CONF``; either one set by the user wins.
     """
+    configured = cuda_alloc_conf(environ)
+    if configured is not None:
+        return configured
+    environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOC_CONF_DEFAULT
+    return CUDA_ALLOC_CONF_DEFAULT
+
+
+def cuda_alloc_conf(environ: Any = os.environ) -> Optional[str]:
+    """The CUDA caching allocator's configuration in ``environ`` (either variable name), or None."""
     for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
         if environ.get(name):
             return environ[name]
-    environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOC_CONF_DEFAULT
-    return CUDA_ALLOC_CONF_DEFAULT
+    return None
 
 
 def format_bytes(n: float) -> str:

@@ -8,12 +8,11 @@ progress bar; the loop also routes logging through tqdm (``tqdm.contrib.logging.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ..config import TrainConfig
-from ..memory import allocator_name
+from ..memory import allocator_name, cuda_alloc_conf
 
 __all__ = ["epoch_line", "memory_route_line", "start_line"]
 
@@ -32,7 +31,7 @@ def start_line(cfg: TrainConfig, data: Any, lm: Any, output_dir: Path, world: in
 def memory_route_line(device: Any) -> str:
     """Which allocator holds the run's memory, and on the CPU whether it keeps local learning's saving."""
     if getattr(device, "type", str(device)) == "cuda":
-        return f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '(unset)')}"
+        return f"CUDA caching allocator: {cuda_alloc_conf() or 'default settings'}"
     allocator = allocator_name()
     hint = ("" if allocator != "glibc" else " (its caching hides most of the activation memory local learning "
             "frees; launch with `python -m torch.backends.xeon.run_cpu --enable-tcmalloc tools/train.py ...`, "
