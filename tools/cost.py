@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """The report of ``args``, printed (``--json``: as one JSON object) and returned."""
+def measure(args: argparse.Namespace) -> None:
+    """Print the report of ``args`` (``--json``: as one JSON object; progress goes to stderr)."""
     started = time.perf_counter()
 
     def progress(message: str) -> None:
@@ -98,7 +98,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     else:
         for key, value in report.items():
             print(f"{key:>28}: {human(key, value)}")
-    return report
 
 
 if __name__ == "__main__":  # a user error is one line on stderr, exit code 2 (--debug: the traceback)

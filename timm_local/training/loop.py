@@ -189,8 +189,8 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
                 window.add(sums)
                 progress.update(1)
                 if state.global_step % cfg.log_every == 0 or state.step_in_epoch == steps_per_epoch:
-                    row = window.row(accelerator, epoch, state.global_step, lr_used)  # the one collective per window
-                    row.update(peak_memory_across_processes(accelerator))  # this epoch's peak so far
+                    row = window.row(accelerator, epoch, state.global_step, lr_used)  # all-reduce of the sums
+                    row.update(peak_memory_across_processes(accelerator))  # and a gather: this epoch's peak so far
                     metrics.log(row)
                     console["loss"] = row["loss"]
                     progress.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}")
