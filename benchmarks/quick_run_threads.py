@@ -31,21 +31,23 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "configs/quick/digits_resnet20_auglocal.yaml"
 
 
-def case_command(launcher: bool, venv: Path) -> tuple[list[str], dict[str, str]]:
-    """The command of one run and the environment it adds (the launcher finds tcmalloc in ``venv``/lib)."""
+def case_command(threads: int, launcher: bool, venv: Path) -> tuple[list[str], dict[str, str]]:
+    """How one run starts with ``threads`` intra-op threads: the command prefix and the environment it adds.
+
+    run_cpu sets ``OMP_NUM_THREADS`` itself (to the cores it pins), so it is told the count instead; it finds
+    tcmalloc in ``venv``/lib.
+    """
     if launcher:
-        return ([sys.executable, "-m", "torch.backends.xeon.run_cpu", "--enable-tcmalloc"],
-                {"VIRTUAL_ENV": str(venv)})
-    return [sys.executable], {}
+        return ([sys.executable, "-m", "torch.backends.xeon.run_cpu", "--enable-tcmalloc",
+                 f"--ncores-per-instance={threads}"], {"VIRTUAL_ENV": str(venv)})
+    return [sys.executable], {"OMP_NUM_THREADS": str(threads)}
 
 
 def run_case(threads: int, launcher: bool, venv: Path, work: Path) -> dict[str, Any]:
     """One training run of the recipe in a fresh process: wall time, training time, top-1 from metrics.jsonl."""
     out = work / f"t{threads}{'-launcher' if launcher else ''}-{time.monotonic_ns()}"
-    prefix, env = case_command(launcher, venv)
-    env = {**os.environ, **env, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-    if launcher:  # run_cpu sets OMP_NUM_THREADS itself: tell it the count instead
-        prefix = [*prefix, f"--ncores-per-instance={threads}"]
+    prefix, env = case_command(threads, launcher, venv)
+    env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
     cmd = [*prefix, str(ROOT / "tools" / "train.py"), "--config", str(ROOT / RECIPE), "--output-dir", str(out),
            "--trackers", "none"]
     start = time.perf_counter()
