@@ -1,6 +1,10 @@
-"""Test-session policy shared by every test module."""
+"""Test-session policy and data shared by every test module."""
+from pathlib import Path
+
 import pytest
 import torch
+
+from script_loader import load_module
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -27,3 +31,13 @@ def _fresh_accelerate_state():
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny CIFAR-10 in torchvision's layout (16 train / 8 test images), written once per session: the
+    training tests only read it."""
+    fx = load_module("_fixtures", Path(__file__).with_name("test_data_fixtures.py"))
+    root = tmp_path_factory.mktemp("data") / "cifar"
+    fx.write_cifar10(root, n_train=16, n_test=8)
+    return root

@@ -25,7 +25,6 @@ from launchers import torchrun
 from script_loader import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
-fx = load_module("_fixtures", Path(__file__).with_name("test_data_fixtures.py"))
 train_tool = load_module("_train_tool", ROOT / "tools" / "train.py")
 
 TINY = ["--image-size", "8", "--batch-size", "8", "--workers", "0", "--trackers", "none", "--lr", "0.05",
@@ -43,13 +42,6 @@ def launch(engine: str, args: Sequence[object], capsys: pytest.CaptureFixture) -
         return rc, capsys.readouterr().err
     proc = torchrun(2, args)
     return proc.returncode, proc.stderr
-
-
-@pytest.fixture(scope="module")
-def cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    fx.write_cifar10(root / "cifar", n_train=16, n_test=8)
-    return root / "cifar"
 
 
 def data_flags(cifar: Path) -> list[str]:

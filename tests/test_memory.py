@@ -10,8 +10,6 @@ import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
-import pytest
-
 from script_loader import load_module
 from timm_local.memory import (CUDA_ALLOC_CONF_DEFAULT, MiB, PEAK_MEMORY_KEYS, allocator_name,
                                default_cuda_alloc_conf, format_bytes)
@@ -19,7 +17,6 @@ from timm_local.process_cost import StepCase, measure_step_case
 from timm_local.training import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-fx = load_module("_fixtures", Path(__file__).with_name("test_data_fixtures.py"))
 cost_tool = load_module("_cost_tool", ROOT / "tools" / "cost.py")
 train_tool = load_module("_train_tool", ROOT / "tools" / "train.py")
 TINY_CASE = dict(model="resnet20_cifar", method="auglocal", method_kwargs={"aux_depth": 2}, input_size=(3, 16, 16),
@@ -85,13 +82,6 @@ def test_cost_tool_json_has_live_and_process_memory() -> None:
     assert report["allocator"] == allocator_name()  # the child inherits this process's environment
     assert report["process_memory_method"].startswith("peak RSS") and report["channels_last"] is False
     assert cost_tool.human("peak_memory_bytes", 3 * MiB) == "3.0 MiB" and cost_tool.human("step_time_s", 0.25) == "0.250 s"
-
-
-@pytest.fixture(scope="module")
-def cifar(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cifar")
-    fx.write_cifar10(root, n_train=16, n_test=8)
-    return root
 
 
 def test_training_logs_each_epoch_peak_memory(cifar: Path, tmp_path: Path) -> None:

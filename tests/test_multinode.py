@@ -41,7 +41,6 @@ BIN = Path(sys.executable).parent
 
 from script_loader import load_module as _load  # noqa: E402
 
-fx = _load("_fixtures", Path(__file__).with_name("test_data_fixtures.py"))
 train_tool = _load("_train_tool", ROOT / "tools" / "train.py")
 
 TINY = ["--image-size", "8", "--batch-size", "8", "--workers", "0", "--trackers", "none", "--lr", "0.05",
@@ -214,13 +213,6 @@ def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> No
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-
-
-@pytest.fixture(scope="module")
-def cifar(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    fx.write_cifar10(root / "cifar", n_train=16, n_test=8)
-    return root / "cifar"
 
 
 @pytest.fixture(scope="module")

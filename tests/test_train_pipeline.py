@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 from launchers import torchrun  # noqa: E402
 from script_loader import load_module as _load  # noqa: E402
 
-fx = _load("_fixtures", Path(__file__).with_name("test_data_fixtures.py"))
 train_tool = _load("_train_tool", ROOT / "tools" / "train.py")
 
 TINY = ["--image-size", "8", "--batch-size", "8", "--workers", "0", "--trackers", "none", "--lr", "0.05",
@@ -28,13 +27,6 @@ TINY = ["--image-size", "8", "--batch-size", "8", "--workers", "0", "--trackers"
 
 def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     return torchrun(nproc, [*TINY, *args])
-
-
-@pytest.fixture(scope="module")
-def cifar(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    fx.write_cifar10(root / "cifar", n_train=16, n_test=8)
-    return root / "cifar"
 
 
 def _common(cifar: Path) -> list[str]:
