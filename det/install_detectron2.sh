@@ -29,8 +29,8 @@ trap 'rm -rf "$tmp"' EXIT
 # never imported by the code paths we use), so it is renamed to a py3 tag to install on any 3.x.
 "$PYTHON" -m pip download --no-deps --python-version 3.10 --only-binary=:all: \
     "sal-detectron2==${D2_VERSION}" -d "$tmp"
-wheel="$(ls "$tmp"/sal_detectron2-"${D2_VERSION}"-*.whl | head -n 1)"
-cp "$wheel" "$tmp/sal_detectron2-${D2_VERSION}-py3-none-any.whl"
+wheels=("$tmp"/sal_detectron2-"${D2_VERSION}"-*.whl)  # a glob, not `ls | head`: no SIGPIPE under pipefail
+cp "${wheels[0]}" "$tmp/sal_detectron2-${D2_VERSION}-py3-none-any.whl"
 "$PYTHON" -m pip install --no-deps "$tmp/sal_detectron2-${D2_VERSION}-py3-none-any.whl"
 
 # Runtime dependencies. Its metadata asks for numpy<2, which is stale for the parts we use:

@@ -18,7 +18,9 @@ declare -A link=([libtcmalloc_minimal.so.4]=libtcmalloc.so [libjemalloc.so.2]=li
 find_lib() {  # the path the dynamic linker knows for library $1, or nothing
   local ldconfig
   ldconfig=$(command -v ldconfig || echo /sbin/ldconfig)
-  "$ldconfig" -p 2>/dev/null | awk -v name="$1" '$1 == name {print $NF; exit}'
+  # awk reads to the end: leaving at the first match would close the pipe while ldconfig still writes,
+  # and under pipefail its SIGPIPE (status 141) would end this script.
+  "$ldconfig" -p 2>/dev/null | awk -v name="$1" '$1 == name && !found {print $NF; found = 1}'
 }
 
 missing=()
