@@ -51,10 +51,15 @@ RECIPE = ["--epochs", "2", "--freeze-bn", "--checkpoint-every-steps", "1"]
 PIPELINE = ["--engine", "pipeline", "--pipeline-segments", "2", "--pipeline-cost", "macs"]
 
 
+#: The late-rank check: rank 0 waits LATE_TIMEOUT_S at a barrier that rank 1 reaches LATE_ARRIVAL_S late;
+#: the 3 s between them is the room either process has to be slowed down by a busy machine.
+LATE_TIMEOUT_S, LATE_ARRIVAL_S = 1.0, 4.0
+
+
 # ------------------------------------------------------------------------------------------------
 # launch checks in real process groups (fast)
 # ------------------------------------------------------------------------------------------------
-def _launch_checks(shared: str, own: list[str], late_s: float) -> dict[str, Any]:
+def _launch_checks(shared: str, own: list[str]) -> dict[str, Any]:
     """Every check of a roll call on this rank; the errors are returned as text for the test to read."""
     import torch.distributed as dist
 
@@ -68,9 +73,9 @@ def _launch_checks(shared: str, own: list[str], late_s: float) -> dict[str, Any]
         roll.check_shared_folder(Path(own[rank]), wait_s=0.5)  # every rank its own folder: not shared
     except SharedFolderError as e:
         out["not_shared"] = str(e)
-    late = RollCall(timeout=timedelta(seconds=late_s / 2), processes=roll.processes)
+    late = RollCall(timeout=timedelta(seconds=LATE_TIMEOUT_S), processes=roll.processes)
     if rank == 1:
-        time.sleep(late_s)  # arrives after rank 0 gave up: rank 0 must name it
+        time.sleep(LATE_ARRIVAL_S)  # arrives after rank 0 gave up: rank 0 must name it
     try:
         late.barrier("the test's barrier")
     except RanksMissingError as e:
@@ -84,7 +89,7 @@ def checks(tmp_path_factory) -> list[dict[str, Any]]:
     own = [root / "node0", root / "node1"]
     for folder in [root / "shared", *own]:
         folder.mkdir()
-    return launch_local(_launch_checks, 2, args=(str(root / "shared"), [str(p) for p in own], 3.0), timeout_s=60)
+    return launch_local(_launch_checks, 2, args=(str(root / "shared"), [str(p) for p in own]), timeout_s=60)
 
 
 def test_roll_call_knows_every_process(checks):
@@ -109,7 +114,8 @@ def test_unshared_folder_is_named_with_the_processes_that_cannot_see_it(checks):
 
 def test_late_process_is_named_by_the_main_process(checks):
     first, second = checks[0]["late"], checks[1]["late"]
-    assert first.startswith(f"rank 1 on {checks[0]['processes'][1]} did not reach the test's barrier within 1.5 s")
+    late_rank = checks[0]["processes"][1]
+    assert first.startswith(f"rank 1 on {late_rank} did not reach the test's barrier within {LATE_TIMEOUT_S:g} s")
     assert "--collective-timeout" in first
     assert second.startswith("rank 1 on host ") and "rank 0's log names the absent ones" in second
 
