@@ -81,9 +81,9 @@ def preflight(cfg: CfgNode, args: argparse.Namespace) -> None:
 
 
 def setup(args: argparse.Namespace) -> CfgNode:
-    """The config, checked, with detectron2's logging, seed and OUTPUT_DIR/config.yaml."""
-    cfg = build_config(args)
-    preflight(cfg, args)
+    """The config (checked once, by :func:`invoke_main`, before any worker starts), with detectron2's
+    logging, seed and OUTPUT_DIR/config.yaml."""
+    cfg = build_config(args)  # in every worker: it also registers the COCO-json datasets there
     default_setup(cfg, args)  # logging, seed, and the resolved config saved as OUTPUT_DIR/config.yaml
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="det")  # e.g. which weights were loaded
     if cfg.MODEL.DEVICE == "cpu":
