@@ -2,21 +2,15 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from timm_local.engine.launch import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "tools" / "train.py"
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

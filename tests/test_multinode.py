@@ -12,7 +12,6 @@ Tiny on purpose (2 CPU cores shared): resnet20_cifar at 8x8 pixels, 16 training 
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -39,9 +38,8 @@ from timm_local.training import latest_checkpoint, list_checkpoints, read_metric
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-from script_loader import load_module as _load  # noqa: E402
-
-train_tool = _load("_train_tool", ROOT / "tools" / "train.py")
+from launchers import subprocess_env  # noqa: E402
+from run_helpers import different_tensors, model_state, train_tool  # noqa: E402
 
 TINY = ["--image-size", "8", "--batch-size", "8", "--workers", "0", "--trackers", "none", "--lr", "0.05",
         "--log-every", "1", "--seed", "0", "--model", "resnet20_cifar", "--method", "auglocal"]
@@ -141,18 +139,12 @@ def test_collective_timeout_must_be_positive(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # two nodes on this machine (slow)
 # ------------------------------------------------------------------------------------------------
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
 def torchrun_node(port: int, log: Path, *args: str) -> subprocess.Popen:
     """One "node": a torchrun agent with one process, joining the c10d rendezvous at 127.0.0.1:port."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"test{port}",
            str(ROOT / "tools" / "train.py"), *TINY, *args]
-    return subprocess.Popen(cmd, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, env=subprocess_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
 def accelerate_node(rank: int, port: int, log: Path, *args: str) -> subprocess.Popen:
@@ -160,7 +152,7 @@ def accelerate_node(rank: int, port: int, log: Path, *args: str) -> subprocess.P
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
            "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "tools" / "train.py"), *TINY, *args]
-    return subprocess.Popen(cmd, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, env=subprocess_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
 def wait_all(nodes: list[subprocess.Popen], timeout: float = 600) -> list[int]:
@@ -204,8 +196,9 @@ def two_nodes(out: Path, *args: str, launcher: str = "torchrun") -> tuple[list[i
     return codes, [log.read_text() for log in logs], time.time() - start
 
 
-def model_state(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(latest_checkpoint(run) / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=True)
+def final_state(run: Path) -> dict[str, torch.Tensor]:
+    """The model state of a run's newest checkpoint."""
+    return model_state(latest_checkpoint(run))
 
 
 def initial_weights() -> dict[str, torch.Tensor]:
@@ -216,8 +209,7 @@ def initial_weights() -> dict[str, torch.Tensor]:
 
 
 def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
+    different = different_tensors(a, b)
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
@@ -248,7 +240,7 @@ def test_data_parallel_over_two_nodes_equals_one_process_on_the_full_batch(two_n
     out, logs = two_node_dp
     runtime = yaml.safe_load((out / "config.yaml").read_text())["runtime"]
     assert runtime["num_processes"] == 2 and runtime["per_process_batch"] == 4  # the loader shards over both
-    one, two, init = model_state(one_process), model_state(out), initial_weights()
+    one, two, init = final_state(one_process), final_state(out), initial_weights()
     floats = [k for k in one if one[k].is_floating_point()]
     assert max((two[k] - init[k]).abs().max().item() for k in floats) > 1e-3, "did not train: a vacuous comparison"
     for k in floats:  # the same update as one process on the whole batch, up to summation order
@@ -268,7 +260,7 @@ def test_pipeline_across_two_nodes_equals_the_sequential_engine_bitwise(data_arg
     assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     runtime = yaml.safe_load((pipe / "config.yaml").read_text())["runtime"]
     assert runtime["pipeline"]["segments"] == 2 and runtime["pipeline"]["replicas"] == 1
-    assert_bitwise(model_state(seq), model_state(pipe))
+    assert_bitwise(final_state(seq), final_state(pipe))
     assert_bitwise(load_file(str(seq / "export" / "model.safetensors")),
                    load_file(str(pipe / "export" / "model.safetensors")))
 
@@ -293,7 +285,7 @@ def test_node_killed_mid_run_then_both_relaunched_resume(data_args, two_node_dp,
     codes, texts, _ = two_nodes(out, *data_args, *RECIPE, "--resume", "auto")
     assert codes == [0, 0], "\n".join(t[-3000:] for t in texts)
     assert all("resumed from" in t for t in texts), "both nodes must resume from the shared checkpoint"
-    assert_bitwise(model_state(two_node_dp[0]), model_state(out))
+    assert_bitwise(final_state(two_node_dp[0]), final_state(out))
     steps = [r["step"] for r in read_metrics(out) if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4]
 
@@ -304,7 +296,7 @@ def test_accelerate_launch_on_two_machines_equals_torchrun(data_args, two_node_d
     codes, logs, _ = two_nodes(out, *data_args, *RECIPE, launcher="accelerate")
     assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     assert yaml.safe_load((out / "config.yaml").read_text())["runtime"]["num_processes"] == 2
-    assert_bitwise(model_state(two_node_dp[0]), model_state(out))
+    assert_bitwise(final_state(two_node_dp[0]), final_state(out))
 
 
 @pytest.mark.slow

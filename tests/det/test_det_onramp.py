@@ -1,12 +1,12 @@
 """The detection on-ramp: what a new user gets wrong first is one line on stderr and exit code 2."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launchers import subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 DET_TRAIN = REPO / "tools" / "det_train.py"
@@ -14,8 +14,7 @@ DET_TRAIN = REPO / "tools" / "det_train.py"
 
 def _run(args: list[str], cwd: Path, code: str | None = None, **env: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, str(DET_TRAIN), *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **env})
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=subprocess_env(**env))
 
 
 def _error_lines(proc: subprocess.CompletedProcess) -> list[str]:

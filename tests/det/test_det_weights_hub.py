@@ -7,12 +7,12 @@ route ``snapshot_download`` -> local export folder -> timm's ``local-dir:`` load
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launchers import subprocess_env
 
 pytest.importorskip("detectron2", reason="detectron2 is not installed: run `make install-det`")
 
@@ -39,7 +39,7 @@ def test_hub_weights_come_from_one_snapshot_folder(resnet34_run: Path, tmp_path:
     for name in ("config.json", "model.safetensors"):
         (snapshot / name).write_bytes((resnet34_run / "export" / name).read_bytes())
     (snapshot / "README.md").write_text("not needed by the loader")
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
