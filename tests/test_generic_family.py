@@ -242,6 +242,21 @@ def test_cost_tool_on_generic_models(args: list[str], capsys, monkeypatch) -> No
     assert report["gmacs"] > 1.5 * report["gmacs_backbone"] > 0 and report["aux_params"] > report["params"] / 2
 
 
+def test_pipeline_cut_counts_macs_where_parameters_are_viewed_under_no_grad() -> None:
+    """CaiT expands its class token under no_grad; the cut's MAC count (the pipeline's --pipeline-cost macs)
+    counts it as the cost report does, stage by stage."""
+    from timm_local.cost import macs_per_sample
+    from timm_local.engine.cut import local_stage_costs
+
+    model = timm.create_model("cait_xxs24_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2,
+                              depth_token_only=1, num_classes=NUM_CLASSES)
+    lm = timm_local.create_local_model(model, "auglocal", aux_depth=2, input_size=(3, 32, 32))
+    costs = local_stage_costs(lm, (3, 32, 32), "macs")
+    assert len(costs) == len(lm.stages) and min(costs) > 0
+    assert sum(costs) == pytest.approx(macs_per_sample(lm, (3, 32, 32))["gmacs_train"] * 1e9, rel=1e-6)
+    assert all(p.requires_grad for p in lm.parameters())  # counting froze them only while it ran
+
+
 def test_token_projections_keep_class_tokens_and_resample_the_grid() -> None:
     """Token sequences are read as leading class tokens + a square patch grid (PiT, ConViT, hybrids)."""
     from timm_local.partition import BlockSpec

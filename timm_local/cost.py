@@ -31,17 +31,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from .memory import allocator_name
+from .memory import allocator_name, cuda_alloc_conf
 
 if TYPE_CHECKING:  # the pipeline cut counts MACs with this module, and model.py imports the engines
     from .model import LocalModel
     from .process_cost import StepCase
 
 
-def count_macs(fn: Callable[[], Any]) -> int:
-    """Multiply-accumulates of everything ``fn`` runs (FLOPs / 2 as counted by PyTorch)."""
+def count_macs(fn: Callable[[], Any], module: torch.nn.Module | None = None) -> int:
+    """Multiply-accumulates of everything ``fn`` runs (FLOPs / 2 as counted by PyTorch).
+
+    ``module``: the model ``fn`` runs, whose parameters stop requiring grad while counting (see
+    :func:`_parameters_frozen`: without it some models, e.g. CaiT, cannot be counted at all).
+    """
     counter = FlopCounterMode(display=False)
-    with counter:
+    with _parameters_frozen(module) if module is not None else contextlib.nullcontext(), counter:
         fn()
     return counter.get_total_flops() // 2
 
@@ -82,15 +86,14 @@ def macs_per_sample(model: LocalModel, input_size: tuple[int, int, int], batch_s
     was_training = model.training
     model.eval()  # BatchNorm1d heads and batch statistics do not change MAC counts
     try:
-        with _parameters_frozen(model):
-            device = next(model.parameters()).device
-            x = torch.randn(batch_size, *input_size, device=device)
-            y = torch.zeros(batch_size, dtype=torch.long, device=device)
-            backbone = count_macs(lambda: model.backbone(x))
-            features = _stage_inputs(model, x)
-            heads = [(s.head, h) for s, h in zip(model.stages, features) if s.head is not None]
-            classifiers = sum(count_macs(lambda: head(h)) for head, h in heads)
-            train_extra = sum(count_macs(lambda: head.local_loss(h, y, x)) for head, h in heads)
+        device = next(model.parameters()).device
+        x = torch.randn(batch_size, *input_size, device=device)
+        y = torch.zeros(batch_size, dtype=torch.long, device=device)
+        backbone = count_macs(lambda: model.backbone(x), model)
+        features = _stage_inputs(model, x)
+        heads = [(s.head, h) for s, h in zip(model.stages, features) if s.head is not None]
+        classifiers = sum(count_macs(lambda: head(h), model) for head, h in heads)
+        train_extra = sum(count_macs(lambda: head.local_loss(h, y, x), model) for head, h in heads)
     finally:
         model.train(was_training)
     return {
@@ -259,7 +262,7 @@ def describe_machine(device: torch.device | str = "cpu") -> dict[str, Any]:
         info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
         info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
-        info["cuda_alloc_conf"] = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+        info["cuda_alloc_conf"] = cuda_alloc_conf()
     return info
 
 

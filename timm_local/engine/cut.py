@@ -75,7 +75,7 @@ def local_stage_costs(
         with torch.no_grad():
             for stage in probe.stages:
                 out: list[torch.Tensor] = []
-                macs = count_macs(lambda: out.append(run_stage(probe.partition, stage, h, y, x)[0]))
+                macs = count_macs(lambda: out.append(run_stage(probe.partition, stage, h, y, x)[0]), probe)
                 costs.append(macs / batch_size)
                 h = out[0]
         return costs
