@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..partition import BlockSpec, Partition
 from .base import LocalHead, LocalMethod, LocalStage, register_method
-from .model_pooling import model_pooling
+from .model_pooling import HeadPooling
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,12 @@ class AugLocalHead(LocalHead):
         return self.fc(self.mlp(self.norm(x)))
 
 
+def head_pooling(partition: Partition) -> HeadPooling | None:
+    """The recorded head pooling every auxiliary network of ``partition`` shares (each ends at the
+    network's last block), or None where they average-pool a (B, C, H, W) map."""
+    return HeadPooling(partition) if partition.specs[-1].layout != "NCHW" else None
+
+
 # Whether BatchNorm1d sits before an auxiliary classifier. "paper": only in one-block heads (§2.6).
 # "always" is ours: at short budgets a deeper head whose last copied block changes shape (projection
 # shortcut) trains markedly slower without it -- measured in docs/accuracy.md.
@@ -171,7 +177,10 @@ HEAD_NORM_RULES = ("paper", "always", "never")
 
 
 def build_auglocal_head(partition: Partition, plan: AuxPlan, num_classes: int, hidden: int = 0,
-                        head_norm: str = "paper", heads: str = "cifar") -> AugLocalHead:
+                        head_norm: str = "paper", heads: str = "cifar",
+                        pooling: HeadPooling | None = None) -> AugLocalHead:
+    """``plan``'s auxiliary network; ``pooling``: the model's recorded head pooling, shared by a method's
+    heads (token and channels-last models; recorded here when not given)."""
     layers = []
     in_chs = partition.specs[plan.block].out_chs
     if partition.copies_keep_shape:
@@ -187,8 +196,9 @@ def build_auglocal_head(partition: Partition, plan: AuxPlan, num_classes: int, h
     pool = None
     paper_norm = None if heads == "cifar" else False
     if partition.specs[plan.selection[-1]].layout != "NCHW":
-        pool = model_pooling(partition)
-        in_chs = pooled_width(pool, partition)
+        pooling = pooling or HeadPooling(partition)
+        pool = pooling.make()
+        in_chs = pooling.width(pool)
         paper_norm = False  # the model's own norm (in its last block or its head) normalises the features
     norm = {"paper": paper_norm, "always": True, "never": False}[head_norm]
     head = AugLocalHead(layers, in_chs, num_classes, hidden, norm, pool)
@@ -196,18 +206,6 @@ def build_auglocal_head(partition: Partition, plan: AuxPlan, num_classes: int, h
         nn.init.ones_(head.norm.weight)
         nn.init.zeros_(head.norm.bias)
     return head
-
-
-def pooled_width(pool: nn.Module, partition: Partition) -> int:
-    """Width of the model-style pooling's output on the last block's features (one probe)."""
-    spec = partition.specs[-1]
-    param = next(partition.model.parameters())
-    with torch.no_grad():
-        was_training = pool.training
-        pool.eval()
-        width = pool(torch.zeros(2, *spec.shape, device=param.device, dtype=param.dtype)).shape[-1]
-        pool.train(was_training)
-    return int(width)
 
 
 @register_method("auglocal")
@@ -241,7 +239,8 @@ class AugLocal(LocalMethod):
 
     def build(self, partition: Partition, num_classes: int) -> list[LocalStage]:
         plans = partition_plans(partition, self.aux_depth, self.tau, self.heads)
+        pooling = head_pooling(partition)
         stages = [LocalStage([p.block], build_auglocal_head(partition, p, num_classes, self.head_hidden,
-                                                            self.head_norm, self.heads)) for p in plans]
+                                                            self.head_norm, self.heads, pooling)) for p in plans]
         stages.append(LocalStage(list(range(len(plans), len(partition)))))
         return stages

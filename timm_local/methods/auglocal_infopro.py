@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from ..partition import Partition, init_like_primary
 from ._shared import InfoProDecoder, require_feature_maps
-from .auglocal import build_auglocal_head, partition_plans, validate_hparams
+from .auglocal import build_auglocal_head, head_pooling, partition_plans, validate_hparams
 from .base import LocalMethod, LocalStage, register_method
 from .infopro import ReconstructionHead, ReconstructionWeights
 
@@ -46,13 +46,15 @@ class AugLocalInfoPro(ReconstructionWeights, LocalMethod):
         weights, mean, std = self._resolve(partition)
         plans = partition_plans(partition, self.aux_depth, self.tau)
         require_feature_maps(partition, [p.block for p in plans], self.name)
+        pooling = head_pooling(partition)
         stages = []
         for k, plan in enumerate(plans):
             spec = partition.specs[plan.block]
             decoder = InfoProDecoder(spec.out_chs, mean, std, channels_last=spec.layout == "NHWC")
             init_like_primary(decoder)
             lambda_x, lambda_y = weights.at(k, len(plans))
-            head = ReconstructionHead(build_auglocal_head(partition, plan, num_classes), decoder, lambda_x, lambda_y)
+            head = ReconstructionHead(build_auglocal_head(partition, plan, num_classes, pooling=pooling), decoder,
+                                      lambda_x, lambda_y)
             stages.append(LocalStage([plan.block], head))
         stages.append(LocalStage(list(range(len(plans), len(partition)))))
         return stages

@@ -10,15 +10,17 @@ Where that code cannot be recorded, it falls back to the mean over all non-chann
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from ..families.copies import fresh_copy
-from ..families.fx_trace import TraceFailure, inline_call, trace_method
+from ..families.fx_trace import TraceFailure, inline_call, trace_method, training_mode
 from ..partition import Partition
 
-__all__ = ["ModelPooling", "MeanPooling", "model_pooling"]
+__all__ = ["HeadPooling", "ModelPooling", "MeanPooling"]
 
 _PRE_LOGITS = {"pre_logits": True}
 
@@ -46,18 +48,42 @@ def _pre_logits_graph(model: nn.Module) -> tuple[fx.Graph, dict[str, torch.Tenso
     return graph, constants
 
 
-def model_pooling(partition: Partition) -> nn.Module:
-    """The model's own pre-logits pooling on fresh module copies, or :class:`MeanPooling`."""
-    model = partition.model
-    try:
-        graph, constants = _pre_logits_graph(model)
-    except TraceFailure:
-        return MeanPooling()
-    root: dict[str, object] = dict(constants)
-    for node in graph.nodes:
-        if node.op == "call_module":
-            root[node.target] = fresh_copy(model.get_submodule(node.target), model)
-    return ModelPooling(fx.GraphModule(root, graph, class_name=f"{type(model).__name__}PreLogits"))
+class HeadPooling:
+    """The model's own pre-logits pooling, recorded once per model; :meth:`make` gives each auxiliary
+    head its own fresh modules running that code.
+
+    Why once: recording ``forward_head`` (torch.fx, train and eval mode, inlined sub-heads) costs more than
+    the rest of a head's construction, and every auxiliary head of a model pools alike.
+    """
+
+    def __init__(self, partition: Partition) -> None:
+        self.partition = partition
+        try:
+            self._recorded: tuple[fx.Graph, dict[str, torch.Tensor]] | None = _pre_logits_graph(partition.model)
+        except TraceFailure:
+            self._recorded = None
+        self._width: int | None = None
+
+    def make(self) -> nn.Module:
+        """The model's pre-logits pooling on fresh module copies, or :class:`MeanPooling`."""
+        if self._recorded is None:
+            return MeanPooling()
+        graph, constants = self._recorded
+        model = self.partition.model
+        root: dict[str, object] = dict(constants)
+        for node in graph.nodes:
+            if node.op == "call_module":
+                root[node.target] = fresh_copy(model.get_submodule(node.target), model)
+        return ModelPooling(fx.GraphModule(root, copy.deepcopy(graph), class_name=f"{type(model).__name__}PreLogits"))
+
+    def width(self, pool: nn.Module) -> int:
+        """Width of the pooling's output on the last block's features (one probe, the first time)."""
+        if self._width is None:
+            spec = self.partition.specs[-1]
+            param = next(self.partition.model.parameters())
+            with torch.no_grad(), training_mode(pool, False):
+                self._width = int(pool(torch.zeros(2, *spec.shape, device=param.device, dtype=param.dtype)).shape[-1])
+        return self._width
 
 
 class ModelPooling(nn.Module):
