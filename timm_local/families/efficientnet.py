@@ -22,6 +22,7 @@ stride has exactly the primary's architecture (checked block by block in the tes
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch.nn as nn
 from timm.models._efficientnet_blocks import (
@@ -83,6 +84,21 @@ def _noskip(block: nn.Module, in_chs: int, out_chs: int, stride: int) -> bool:
     return in_chs == out_chs and stride == 1 and not block.has_skip
 
 
+def _unsupported(model: nn.Module) -> Optional[str]:
+    """Why this adapter cannot cut ``model`` (a block type it cannot copy), or None."""
+    for i, stage in enumerate(model.blocks):
+        for j, block in enumerate(stage):
+            if not isinstance(block, SUPPORTED_BLOCKS) or isinstance(block, CondConvResidual):
+                return (f"efficientnet adapter cannot cut blocks.{i}.{j}: {type(block).__name__} is not "
+                        f"supported (supported: {', '.join(c.__name__ for c in SUPPORTED_BLOCKS)}); "
+                        "see docs/families.md to register an adapter that handles it")
+            if getattr(block, "conv_s2d", None) is not None:
+                return f"efficientnet adapter cannot copy blocks.{i}.{j}: space-to-depth blocks are not supported"
+    if isinstance(model.conv_head, nn.Identity) and not isinstance(model.bn2, nn.Identity):
+        return "efficientnet adapter: a bn2 without conv_head is not supported"
+    return None
+
+
 @register_family
 class EfficientNetFamily(FamilyAdapter):
     """Stem, every block of ``blocks``, and the head conv (see the module docstring for why)."""
@@ -92,32 +108,16 @@ class EfficientNetFamily(FamilyAdapter):
 
     def supports(self, model: nn.Module) -> bool:
         """Models of the block types this adapter can copy; others (CondConv, space-to-depth) go generic."""
-        blocks = [b for stage in model.blocks for b in stage]
-        return (
-            all(isinstance(b, SUPPORTED_BLOCKS) and not isinstance(b, CondConvResidual) for b in blocks)
-            and all(getattr(b, "conv_s2d", None) is None for b in blocks)
-            and (not isinstance(model.conv_head, nn.Identity) or isinstance(model.bn2, nn.Identity))
-        )
+        return _unsupported(model) is None
 
     def local_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        reason = _unsupported(model)
+        if reason is not None:  # reached only by a direct call: partition() asks supports() first
+            raise NotImplementedError(reason)
         blocks: list[tuple[str, nn.Module]] = [("stem", nn.Sequential(model.conv_stem, model.bn1))]
-        for i, stage in enumerate(model.blocks):
-            for j, block in enumerate(stage):
-                if not isinstance(block, SUPPORTED_BLOCKS) or isinstance(block, CondConvResidual):
-                    raise NotImplementedError(
-                        f"efficientnet adapter cannot cut blocks.{i}.{j}: {type(block).__name__} is not "
-                        f"supported (supported: {', '.join(c.__name__ for c in SUPPORTED_BLOCKS)}); "
-                        "see docs/families.md to register an adapter that handles it"
-                    )
-                if getattr(block, "conv_s2d", None) is not None:
-                    raise NotImplementedError(
-                        f"efficientnet adapter cannot copy blocks.{i}.{j}: space-to-depth blocks are not supported"
-                    )
-                blocks.append((f"blocks.{i}.{j}", block))
+        blocks += [(f"blocks.{i}.{j}", block) for i, stage in enumerate(model.blocks) for j, block in enumerate(stage)]
         if not isinstance(model.conv_head, nn.Identity):
             blocks.append(("conv_head", nn.Sequential(model.conv_head, model.bn2)))
-        elif not isinstance(model.bn2, nn.Identity):
-            raise NotImplementedError("efficientnet adapter: a bn2 without conv_head is not supported")
         return blocks
 
     def make_block_like(
@@ -137,8 +137,6 @@ class EfficientNetFamily(FamilyAdapter):
                 act_layer=act_layer_of(norm),
                 norm_layer=norm_layer_like(norm, model),
             )
-        if isinstance(block, CondConvResidual):
-            raise NotImplementedError("efficientnet adapter cannot copy CondConvResidual blocks")
         if isinstance(block, InvertedResidual):
             primary_in = block.conv_pw.in_channels
             mid = block.conv_pw.out_channels
