@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import timm_local
 from timm_local.cost import count_macs
 from timm_local.families.copies import ShapeProjection
+from timm_local.families.fx_trace import TraceFailure, output_structures
 from timm_local.partition import partition
 from script_loader import load_module
 
@@ -295,3 +296,17 @@ def test_values_of_the_input_shape_cross_block_boundaries(name: str, blocks) -> 
         wrong = torch.randn(3, p.specs[1].shape[0] + 3, p.specs[1].shape[1])
         with pytest.raises(ValueError, match="input_size="):
             p.blocks[2](wrong)
+
+
+class _AssertsOnItsInput(nn.Module):
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != 99:
+            raise AssertionError  # as a bare assert does outside pytest: an exception without a message
+        return x
+
+
+def test_a_model_failing_without_a_message_is_named_not_hidden() -> None:
+    """The one-line error keeps the exception's type when it has no message (it raised IndexError before)."""
+    with pytest.raises(TraceFailure, match=r"_AssertsOnItsInput.forward_features does not run on inputs of shape "
+                                           r"\(3, 8, 8\) \(AssertionError: \)"):
+        output_structures(_AssertsOnItsInput(), "forward_features", torch.zeros(1, 3, 8, 8))

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .families import FamilyAdapter, adapter_for
+from .families.fx_trace import first_line
 
 
 #: Feature layouts a local block may output: feature maps (batch, channels, height, width), channels-last
@@ -178,10 +179,9 @@ def run_on_probe(model: nn.Module, x: torch.Tensor, what: str, fn, *args: object
     except Exception as e:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         own = tuple(cfg.get("input_size", ()))
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(
             f"{type(model).__name__} cannot run {what} on inputs of shape {tuple(x.shape[1:])} "
-            f"({type(e).__name__}: {first}); pass input_size= a size the model accepts"
+            f"({type(e).__name__}: {first_line(e)}); pass input_size= a size the model accepts"
             + (f", e.g. its own {own}" if own else "")
         ) from e
 

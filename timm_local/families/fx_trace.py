@@ -20,11 +20,17 @@ import torch.fx as fx
 import torch.nn as nn
 from timm.layers import get_notrace_functions
 
-__all__ = ["TraceFailure", "inline_call", "trace_method", "training_mode"]
+__all__ = ["TraceFailure", "first_line", "inline_call", "trace_method", "training_mode"]
 
 
 class TraceFailure(RuntimeError):
     """The method could not be recorded as glue code around module calls (the reason is the message)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, for a one-line error that names it ("" if it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 class _GlueTracer(fx.Tracer):
@@ -71,7 +77,7 @@ def output_structures(module: nn.Module, method: str, example: torch.Tensor) -> 
             getattr(module, method)(example)
     except Exception as e:  # the model itself does not run at this size
         raise TraceFailure(f"{type(module).__name__}.{method} does not run on inputs of shape "
-                           f"{tuple(example.shape[1:])} ({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
+                           f"{tuple(example.shape[1:])} ({type(e).__name__}: {first_line(e)})") from None
     finally:
         for h in handles:
             h.remove()
@@ -129,9 +135,8 @@ def _trace_once(
     except TraceFailure:
         raise
     except Exception as e:  # fx raises many exception types for untraceable Python code
-        message = str(e).splitlines()[0] if str(e) else ""
         raise TraceFailure(f"{type(module).__name__}.{method} cannot be traced with torch.fx "
-                           f"({type(e).__name__}: {message})") from None
+                           f"({type(e).__name__}: {first_line(e)})") from None
     finally:
         # fx stores the tensor constants it meets on the traced module: take them back off
         added = {k: vars(module)[k] for k in set(vars(module)) - before}

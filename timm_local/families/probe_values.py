@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .fx_trace import TraceFailure, training_mode
+from .fx_trace import TraceFailure, first_line, training_mode
 
 __all__ = ["ProbeValues", "check_input_shape"]
 
@@ -52,7 +52,7 @@ class ProbeValues:
                     recorder.run(x)
                 except Exception as e:  # the model runs, its recorded glue does not (e.g. it mutates a list)
                     raise TraceFailure(f"the traced forward_features does not run ({type(e).__name__}: "
-                                       f"{str(e).strip().splitlines()[0]})") from None
+                                       f"{first_line(e)})") from None
                 runs.append(recorder)
         self.values = runs[0].values
         self.shapes = runs[0].shapes
