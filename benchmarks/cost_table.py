@@ -30,13 +30,13 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import timm_local
+from method_specs import MethodSpec, parse_methods
 from results_io import write_results
 from timm_local.cost import (count_macs, describe_machine, macs_per_sample, median_step_time, parameter_counts,
                              peak_step_memory, profile_step)
@@ -65,50 +65,16 @@ GOAL_TIME_SLACK = 1.05  # time ratio to BP <= 1.05 x the training-step MAC ratio
 GOAL_MEMORY_RATIO = 0.15  # AugLocal peak memory / BP peak memory
 
 
-@dataclass
-class MethodSpec:
-    """One row of the table: a registered method and its hyper-parameters."""
-
-    method: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return f"{self.method} d={self.kwargs['aux_depth']}" if "aux_depth" in self.kwargs else self.method
+def step_case(spec: MethodSpec, args: argparse.Namespace) -> StepCase:
+    """``spec`` on the table's model, size and batch: built here for the in-process rows, and again in a
+    fresh process for the process-level one (:func:`timm_local.process_cost.process_step_memory`)."""
+    return StepCase(args.model, spec.method, dict(spec.kwargs), num_classes=args.num_classes,
+                    input_size=(3, args.input_size, args.input_size), batch_size=args.batch_size,
+                    steps=args.process_steps, threads=args.threads, device=args.device, seed=args.seed)
 
 
-def parse_methods(text: str) -> list[MethodSpec]:
-    """``"bp,dgl,auglocal:3"`` -> method specs; ``name:d`` sets ``aux_depth`` = d."""
-    specs = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, _, depth = item.partition(":")
-        if name not in timm_local.list_methods():
-            raise SystemExit(f"unknown method {name!r} in --methods; registered: {', '.join(timm_local.list_methods())}")
-        specs.append(MethodSpec(name, {"aux_depth": int(depth)} if depth else {}))
-    if not specs or specs[0].method != "bp":
-        raise SystemExit("--methods must start with 'bp': every ratio is relative to it")
-    return specs
-
-
-def build(spec: MethodSpec, args: argparse.Namespace, device: torch.device) -> timm_local.LocalModel:
-    torch.manual_seed(args.seed)
-    size = (3, args.input_size, args.input_size)
-    model = timm_local.create_local_model(
-        args.model,
-        spec.method,
-        num_classes=args.num_classes,
-        input_size=size,
-        pretrained_cfg_overlay=dict(input_size=size),
-        **spec.kwargs,
-    )
-    return model.to(device).train()
-
-
-def process_row(spec: MethodSpec, args: argparse.Namespace, size: tuple[int, int, int]) -> dict[str, Any]:
-    """The process-level peak of ``spec``: SGD steps in a fresh process (:func:`timm_local.cost.process_step_memory`)."""
-    case = StepCase(args.model, spec.method, dict(spec.kwargs), num_classes=args.num_classes, input_size=size,
-                    batch_size=args.batch_size, steps=args.process_steps, threads=args.threads, device=args.device,
-                    seed=args.seed)
+def process_row(case: StepCase) -> dict[str, Any]:
+    """The process-level peak of ``case``: SGD steps in a fresh process."""
     result = process_step_memory(case, live=False)
     row = {"process_peak_memory_mb": round(result["process_peak_memory_bytes"] / 2**20, 2),
            "rss_before_step_mb": round(result["rss_before_step_bytes"] / 2**20, 2),
@@ -155,7 +121,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     models: dict[str, timm_local.LocalModel] = {}
     for spec in specs:
         t0 = time.perf_counter()
-        model = build(spec, args, device)
+        model = step_case(spec, args).build()
         macs = macs_per_sample(model, size)
         row: dict[str, Any] = {
             "method": spec.method,
@@ -179,7 +145,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     labels = list(models)
     for spec, label in zip(specs, labels):
         if args.process_steps:
-            rows[label].update(process_row(spec, args, size))
+            rows[label].update(process_row(step_case(spec, args)))
             print(f"[process] {label:15s} {rows[label]['process_peak_memory_mb']:.1f} MB above the RSS before the "
                   f"first step ({rows[label]['allocator']})", flush=True)
     for _ in range(args.warmup):

@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import make_subset, run_one  # noqa: E402  (the same subset and the same tools/train.py runs)
+from accuracy import make_subset, run_one  # the same subset and the same tools/train.py runs
+from results_io import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 # (label, timm model, model kwargs)
@@ -96,13 +95,14 @@ def main() -> None:
                            Path(args.runs_dir) / "data" / f"{args.dataset}_{args.train_subset}")
     rows = []
     for _, model, kwargs in MODELS:
+        blocks = local_blocks(model, kwargs)
         for spec in METHODS:
             run = run_args(args, model, kwargs)
             (Path(run.runs_dir) / args.dataset).mkdir(parents=True, exist_ok=True)
             row = run_one(run, spec, args.seed, data_dir)
             # the run folder relative to --runs-dir (no machine paths in the saved results)
             row["run_dir"] = Path(row["run_dir"]).relative_to(args.runs_dir).as_posix()
-            row.update(model=model, model_kwargs=kwargs, local_blocks=local_blocks(model, kwargs))
+            row.update(model=model, model_kwargs=kwargs, local_blocks=blocks)
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("model", "method", "final_top1", "train_time_s")}), flush=True)
     import timm
@@ -113,10 +113,7 @@ def main() -> None:
             "warmup_epochs": args.warmup_epochs, "seed": args.seed,
             "machine": "a shared 2-core CPU, one thread per run", "torch": torch.__version__,
             "timm": timm.__version__, "python": platform.python_version()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(to_markdown(rows, meta))
-    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+    write_results(args.out, {"meta": meta, "results": rows}, to_markdown(rows, meta))
 
 
 if __name__ == "__main__":

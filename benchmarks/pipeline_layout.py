@@ -24,13 +24,13 @@ numbers do not depend on the machine (a time-balanced cut on a real GPU can diff
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import timm_local
+from results_io import write_results
 from timm_local.config import config_from_dict, load_yaml
 from timm_local.data import get_recipe
 from timm_local.engine import balanced_cut, local_stage_costs, segment_ranges
@@ -124,12 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": " ".join(["python benchmarks/pipeline_layout.py", *(argv or [])]),
         "torch": torch.__version__,
     }
-    text = markdown(result)
-    print(text)
-    stem = Path(args.out) if args.out else RESULTS / f"pipeline_layout_{cfg.model}_d{d}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_results(Path(args.out) if args.out else RESULTS / f"pipeline_layout_{cfg.model}_d{d}", result,
+                  markdown(result))
     return result
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from results_io import write_results
+from timm_local.training import read_metrics
 from timm_local.cost import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +56,7 @@ def run_case(threads: int, launcher: bool, venv: Path, work: Path) -> dict[str, 
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"run failed (threads={threads}, launcher={launcher}):\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    summary = next(r for r in reversed(rows) if r["kind"] == "summary")
+    summary = next(r for r in reversed(read_metrics(out)) if r["kind"] == "summary")
     return {"threads": threads, "launcher": launcher, "wall_s": round(wall, 1),
             "train_time_s": round(summary["train_time_s"], 1), "top1": summary["top1"],
             "load_after": [round(x, 2) for x in os.getloadavg()]}

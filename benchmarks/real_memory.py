@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from method_specs import MethodSpec, parse_methods
 from results_io import write_results
 from timm_local.cost import describe_machine
 from timm_local.process_cost import StepCase, measure_step_case
@@ -95,21 +96,6 @@ CUDA_OPTIONS = {o.name: o for o in (
 RECOMMENDED, TODAY = "run_cpu+tcmalloc+cl", "glibc"
 
 
-def parse_methods(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """``"bp,auglocal:2"`` -> [(method, kwargs)]; ``name:d`` sets ``aux_depth``; the first must be bp."""
-    specs = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, _, depth = item.partition(":")
-        specs.append((name, {"aux_depth": int(depth)} if depth else {}))
-    if not specs or specs[0][0] != "bp":
-        raise SystemExit("--methods must start with 'bp': every ratio is relative to it")
-    return specs
-
-
-def label(method: str, kwargs: dict[str, Any]) -> str:
-    return f"{method} d={kwargs['aux_depth']}" if "aux_depth" in kwargs else method
-
-
 def case_command(option: AllocatorOption, case: StepCase, venv: Path) -> tuple[list[str], dict[str, str]]:
     """The command line and environment of one case's fresh process."""
     env = {k: v for k, v in os.environ.items() if k not in option.unset} | option.env
@@ -165,21 +151,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     methods = parse_methods(args.methods)
     options = [{**OPTIONS, **CUDA_OPTIONS}[name] for name in args.options.split(",")]
     size = (3, args.input_size, args.input_size)
-    cases = [(o, m, kw) for o in options for m, kw in methods if not o.only or label(m, kw) in o.only]
-    samples: dict[tuple[str, str], list[dict[str, Any]]] = {(o.name, label(m, kw)): [] for o, m, kw in cases}
+    cases = [(o, m) for o in options for m in methods if not o.only or m.label in o.only]
+    samples: dict[tuple[str, str], list[dict[str, Any]]] = {(o.name, m.label): [] for o, m in cases}
     load_before, processes_before = os.getloadavg(), other_processes()
     for r in range(args.rounds):
         shift = (r * 7) % len(cases)  # rotate: no case always first, none always after the same neighbour
-        for option, method, kwargs in cases[shift:] + cases[:shift]:
-            case = StepCase(args.model, method, kwargs, num_classes=args.num_classes, input_size=size,
+        for option, spec in cases[shift:] + cases[:shift]:
+            case = StepCase(args.model, spec.method, spec.kwargs, num_classes=args.num_classes, input_size=size,
                             batch_size=args.batch_size, steps=args.steps, warmup=1, threads=args.threads,
                             device=args.device, channels_last=option.channels_last, torchcompile=option.torchcompile,
                             autocast=option.autocast, seed=args.seed)
             t0 = time.perf_counter()
             result = run_case(option, case, args.venv, args.case_timeout)
             result["load_after"] = round(os.getloadavg()[0], 2)  # 1-minute load: what shared the cores
-            samples[(option.name, label(method, kwargs))].append(result)
-            print(f"[round {r + 1}/{args.rounds}] {option.name:20s} {label(method, kwargs):13s} "
+            samples[(option.name, spec.label)].append(result)
+            print(f"[round {r + 1}/{args.rounds}] {option.name:20s} {spec.label:13s} "
                   f"process {result['process_peak_memory_bytes'] / 2**20:7.1f} MB  live "
                   f"{result['peak_memory_bytes'] / 2**20:7.1f} MB  step {result['step_time_s']:.2f} s  "
                   f"({result['allocator']}, {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f})", flush=True)
@@ -200,18 +186,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summarise(samples: dict[tuple[str, str], list[dict[str, Any]]], options: list[AllocatorOption],
-              methods: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+              methods: list[MethodSpec]) -> dict[str, dict[str, Any]]:
     """Per option and method: medians over the rounds, and ratios to BP under the same option."""
     rows: dict[str, dict[str, Any]] = {}
     for option in options:
-        for method, kwargs in methods:
-            runs = samples.get((option.name, label(method, kwargs)))
+        for spec in methods:
+            runs = samples.get((option.name, spec.label))
             if not runs:
                 continue
             wall = [t for run in runs for t in run["step_wall_s"]]
             cpu = [t for run in runs for t in run["step_cpu_s"]]
-            rows[f"{option.name} | {label(method, kwargs)}"] = {
-                "option": option.name, "method": label(method, kwargs), "allocator": runs[0]["allocator"],
+            rows[f"{option.name} | {spec.label}"] = {
+                "option": option.name, "method": spec.label, "allocator": runs[0]["allocator"],
                 "threads": runs[0]["threads"],
                 "process_peak_mb": round(statistics.median(r["process_peak_memory_bytes"] for r in runs) / 2**20, 1),
                 "process_peak_mb_runs": [round(r["process_peak_memory_bytes"] / 2**20, 1) for r in runs],

@@ -34,6 +34,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from results_io import write_results
+
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_CLASSES = 10
 METHODS = ("auglocal", "bp", "checkpoint", "dgl")
@@ -251,11 +253,8 @@ def main() -> None:
             "aux_depth": 3, "methods": list(METHODS), "machine": "2-core CPU, one thread per model"}
     if args.update:
         meta["re_measured"] = sorted(set(previous["meta"].get("re_measured", [])) | set(args.modules or []))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(to_markdown(rows, meta))
-    ok = sum(r["status"] == "ok" for r in rows)
-    print(f"{ok}/{len(rows)} modules ok; wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+    write_results(args.out, {"meta": meta, "results": rows}, to_markdown(rows, meta))
+    print(f"{sum(r['status'] == 'ok' for r in rows)}/{len(rows)} modules ok")
 
 
 if __name__ == "__main__":
