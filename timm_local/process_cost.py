@@ -18,7 +18,7 @@ import torch
 
 from .cost import peak_step_memory
 from .engine.speed import compile_blocks_and_heads, use_channels_last
-from .memory import allocator_name, peak_rss_bytes, reset_peak_rss, rss_bytes
+from .memory import allocator_name, peak_rss_bytes, reset_peak_memory, rss_bytes
 from .model import LocalModel, create_local_model
 
 __all__ = ["AUTOCAST_DTYPES", "StepCase", "measure_step_case", "process_step_memory"]
@@ -94,9 +94,8 @@ def measure_step_case(case: StepCase, live: bool = True) -> dict[str, Any]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     _sync(device)
     before = rss_bytes()
-    reset_peak_rss()
+    reset_peak_memory(device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
         allocated_before = torch.cuda.memory_allocated(device)
     dtype = AUTOCAST_DTYPES[case.autocast]
     wall, cpu, warmup = [], [], []
