@@ -22,7 +22,7 @@ from timm.layers import BatchNormAct2d, GroupNormAct, convert_sync_batchnorm, fr
 from timm.utils.model import freeze as timm_freeze
 from torch import nn
 
-from .feature_names import module_in_wrapper
+from .feature_names import module_in_wrapper, stride_feature_name
 from .weights import create_timm_features
 
 __all__ = [
@@ -151,10 +151,9 @@ class TimmBackbone(Backbone):
         self._out_feature_channels: dict[str, int] = {}
         self._out_feature_strides: dict[str, int] = {}
         for channels, stride in zip(info.channels(), info.reduction()):
-            level = int(math.log2(stride))
-            if 2**level != stride:
+            out_name = stride_feature_name(stride)
+            if out_name is None:
                 raise ValueError(f"timm feature stride {stride} of {name!r} is not a power of two.")
-            out_name = f"res{level}"
             if out_name in self._out_feature_strides:
                 raise ValueError(
                     f"MODEL.TIMM.OUT_INDICES={list(out_indices)} selects two features of stride {stride}; "

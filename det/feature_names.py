@@ -4,13 +4,17 @@
 the model's children with one ``Sequential`` level flattened: ``layer1.0`` becomes ``layer1_0``;
 model-specific feature classes keep the model's names. Both the freezing of early stages (which needs
 a wrapper name from ``feature_info``) and the exact-load check (which needs the model's name for a
-wrapper key) follow this one rule.
+wrapper key) follow this one rule. :func:`stride_feature_name` is the other naming rule of the plug-in:
+what detectron2 calls a feature of a given stride.
 """
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 from torch import nn
 
-__all__ = ["flattened_name", "module_in_wrapper", "wrapper_to_model_names"]
+__all__ = ["flattened_name", "module_in_wrapper", "stride_feature_name", "wrapper_to_model_names"]
 
 
 def flattened_name(name: str) -> str:
@@ -36,3 +40,10 @@ def wrapper_to_model_names(reference: nn.Module) -> dict[str, str]:
             for sub, _ in child.named_children():
                 mapping.setdefault(flattened_name(f"{name}.{sub}"), f"{name}.{sub}")
     return mapping
+
+
+def stride_feature_name(stride: int) -> Optional[str]:
+    """detectron2's name for a feature map of ``stride``: ``res<log2 stride>`` (``res2`` at stride 4, as in
+    its own ResNets), or None when the stride is not a power of two (no detectron2 level matches it)."""
+    level = int(math.log2(stride))
+    return f"res{level}" if 2**level == stride else None

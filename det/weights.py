@@ -22,7 +22,7 @@ import timm
 import torch
 from torch import nn
 
-from .feature_names import wrapper_to_model_names
+from .feature_names import stride_feature_name, wrapper_to_model_names
 
 __all__ = [
     "TimmWeights",
@@ -185,23 +185,27 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(n + "." for n in names)
 
 
+_DETECTION_NEEDS = "Detection needs a CNN whose features_only stages have strides that double."
+
+
 def detection_settings(arch: str, model_args: Mapping[str, Any] | None = None) -> str:
     """The MODEL.TIMM / FPN settings that make ``arch`` a detection backbone, as advice, or why it cannot be one.
 
     Read from timm's own ``features_only`` default for the architecture, so the advice never names
     feature indices the model does not have (a CIFAR ResNet has 3 stages at strides 1, 2, 4).
     """
-    import math
-
     try:
         with torch.device("meta"):
             features = timm.create_model(arch, features_only=True, **dict(model_args or {}))
     except Exception as e:  # noqa: BLE001 - a model timm cannot turn into a feature extractor
         return (f"but {arch!r} cannot serve as a detection backbone: timm cannot build its features_only extractor "
-                f"({type(e).__name__}: {e}). Detection needs a CNN whose features_only stages have strides that double.")
+                f"({type(e).__name__}: {e}). {_DETECTION_NEEDS}")
     indices = list(features.feature_info.out_indices)
     strides = features.feature_info.reduction()
-    names = [f"res{int(math.log2(r))}" for r in strides]
+    names = [stride_feature_name(r) for r in strides]
+    if None in names:
+        return (f"but {arch!r} cannot serve as a detection backbone: its features_only strides {strides} are not "
+                f"all powers of two. {_DETECTION_NEEDS}")
     if len(set(strides)) < len(strides):
         return (f"its default features {indices} repeat a stride ({strides}); set MODEL.TIMM.NAME to {arch!r} and "
                 f"MODEL.TIMM.OUT_INDICES to one index per stride.")

@@ -106,6 +106,13 @@ def test_output_shape_and_size_divisibility(resnet34_run: Path) -> None:
     assert fpn.size_divisibility == 32
 
 
+def test_stride_names_follow_detectron2_and_refuse_strides_that_are_not_powers_of_two() -> None:
+    from det.feature_names import stride_feature_name
+
+    assert [stride_feature_name(s) for s in (1, 2, 4, 32)] == ["res0", "res1", "res2", "res5"]
+    assert stride_feature_name(12) is None and stride_feature_name(6) is None
+
+
 def test_name_taken_from_export_config(resnet18_export: Path) -> None:
     """With MODEL.TIMM.NAME empty, the export's config.json decides the architecture."""
     backbone = build_backbone(_cfg("MODEL.TIMM.NAME", "", "MODEL.TIMM.WEIGHTS", resnet18_export)).bottom_up
