@@ -1,7 +1,8 @@
 """Fixtures for the detectron2 plug-in tests: an exported timm ResNet-34 and a tiny COCO set.
 
-Nothing here needs detectron2 (``det.demo_data`` does not import it); each test module skips itself
-when detectron2 is missing (a module-level skip in a conftest would abort the whole pytest run).
+Nothing here imports detectron2 when tests are collected: ``det`` (whose package imports it) is imported
+inside the fixture that uses it, and each test module skips itself when detectron2 is missing (a
+module-level skip in a conftest would abort the whole pytest run).
 `make test` installs it.
 """
 
