@@ -158,18 +158,18 @@ def _written(kill: dict[str, Any], prefix: str) -> bool:
 
 
 def final_state(out: Path) -> dict[str, Any]:
-    import torch
     from safetensors.torch import load_file
 
     from timm_local.memory import PEAK_MEMORY_KEYS
     from timm_local.training import latest_checkpoint, read_metrics
+    from timm_local.training.checkpoint import load_state
 
     measured = {"samples_per_s", "train_time_s", *PEAK_MEMORY_KEYS}  # measured, not computed
 
     ckpt = latest_checkpoint(out)
-    optimizer = torch.load(ckpt / "optimizer.bin", map_location="cpu", weights_only=True)
+    optimizer = load_state(ckpt, "optimizer")
     return {"checkpoint": ckpt.name,
-            "model": torch.load(ckpt / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=True),
+            "model": load_state(ckpt, "model"),
             "momentum": {i: s["momentum_buffer"] for i, s in optimizer["state"].items()},
             "export": load_file(str(out / "export" / "model.safetensors")),
             "metrics": [{k: v for k, v in r.items() if k not in measured}

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from script_loader import load_module
+from timm_local.training.checkpoint import load_model_state
 
 ROOT = Path(__file__).resolve().parents[1]
 train_tool = load_module("_train_tool", ROOT / "tools" / "train.py")
@@ -29,7 +30,7 @@ def resume(out: Path, *args: Any) -> int:
 
 
 def model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return torch.load(checkpoint / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=True)
+    return load_model_state(checkpoint)
 
 
 def different_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:

@@ -52,15 +52,15 @@ def _truncate(path: Path) -> None:
 
 
 CORRUPTIONS = {
-    "rng_state_truncated": lambda c: _truncate(c / "random_states_0.pkl"),
-    "model_truncated": lambda c: _truncate(c / "custom_checkpoint_0.pkl"),
-    "optimizer_bytes_flipped": lambda c: (c / "optimizer.bin").write_bytes(
-        bytes(b ^ 0xFF if i == 200 else b for i, b in enumerate((c / "optimizer.bin").read_bytes()))),
-    "train_state_missing": lambda c: (c / "custom_checkpoint_2.pkl").unlink(),
+    "rng_state_truncated": lambda c: _truncate(c / "rng_0.safetensors"),
+    "model_truncated": lambda c: _truncate(c / "model.safetensors"),
+    "optimizer_bytes_flipped": lambda c: (c / "optimizer.safetensors").write_bytes(
+        bytes(b ^ 0xFF if i == 200 else b for i, b in enumerate((c / "optimizer.safetensors").read_bytes()))),
+    "scheduler_missing": lambda c: (c / "scheduler.safetensors").unlink(),
     "meta_not_json": lambda c: (c / "checkpoint_meta.json").write_text('{"model": "resnet20_cifar", '),
 }
-NAMED_FILE = {"rng_state_truncated": "random_states_0.pkl", "model_truncated": "custom_checkpoint_0.pkl",
-              "optimizer_bytes_flipped": "optimizer.bin", "train_state_missing": "custom_checkpoint_2.pkl",
+NAMED_FILE = {"rng_state_truncated": "rng_0.safetensors", "model_truncated": "model.safetensors",
+              "optimizer_bytes_flipped": "optimizer.safetensors", "scheduler_missing": "scheduler.safetensors",
               "meta_not_json": "checkpoint_meta.json"}
 
 
@@ -106,7 +106,7 @@ def test_a_stale_step_folder_is_replaced_not_kept(straight, stopped, tmp_path):
 
 def test_listing_ignores_half_deleted_and_unnamed_folders(stopped, tmp_path):
     out = _copy(stopped, tmp_path)
-    (_ckpt(out, 2) / "custom_checkpoint_0.pkl").unlink()  # what a kill during an in-place deletion left
+    (_ckpt(out, 2) / "model.safetensors").unlink()  # what a kill during an in-place deletion left
     (out / CHECKPOINT_DIR / ".old-step_00000001").mkdir()
     assert [p.name for p in list_checkpoints(out)] == ["step_00000001", "step_00000003"]
 
@@ -121,7 +121,7 @@ def test_rotation_renames_before_deleting(tmp_path, monkeypatch):
     real_rmtree = shutil.rmtree
 
     def killed_during_deletion(path, *args, **kwargs):
-        model = Path(path) / "custom_checkpoint_0.pkl"
+        model = Path(path) / "model.safetensors"
         if model.is_file():
             model.unlink()
             raise Killed(path)
