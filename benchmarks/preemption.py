@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Preempt a real training run with SIGTERM at N random moments, resume it each time, compare with a straight run.
 
-    python benchmarks/preemption.py                       # 20 signals, ~5 min on 2 CPU cores
+    python benchmarks/preemption.py                       # 20 signals, ~6 min on 2 shared CPU cores
     python benchmarks/preemption.py --signals 4 --epochs 1 --out /tmp/pre   # a quick look
 
 The same run as benchmarks/fault_injection.py (resnet20_cifar + AugLocal with dropout 0.1 on digits 8x8, a
 checkpoint every 10 steps, the newest 2 kept, file operations slowed by ``--io-pause`` so that saves are
 wide enough to hit), but the signal is the one a cluster sends before a kill: SIGTERM. Each signal falls in
-one of three phases, shuffled: ``startup`` (a random moment after the launch, often before the first step),
+one of three phases, shuffled: ``startup`` (up to 1 s after the run has taken its folder's lock and installed
+its signal handlers, often before the first step),
 ``train`` (a random moment while steps run) and ``save`` (while a checkpoint folder is being written, a
 ``.tmp-*`` folder of this process exists) -- a ``save`` signal is followed by a second SIGTERM 10 ms later,
 inside the same save. Each time the script checks: the process exits with code 75; the newest checkpoint that
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import signal
@@ -40,6 +40,13 @@ PHASES = {"startup": 4, "train": 8, "save": 8}  # shares of the signals
 PREEMPTED_EXIT = 75
 
 
+def _lock_holder(out: Path) -> str:
+    try:
+        return (out / ".timm_local.lock").read_text()
+    except OSError:
+        return ""
+
+
 def preempt_once(out: Path, phase: str, rng: random.Random, args: argparse.Namespace, log: Path) -> Optional[dict]:
     """One life of the run, preempted in ``phase``; None if it finished before the signal."""
     from timm_local.training.checkpoint import checkpoint_step, list_checkpoints, newest_verified
@@ -49,8 +56,9 @@ def preempt_once(out: Path, phase: str, rng: random.Random, args: argparse.Names
     t0 = time.time()
     proc = fi.spawn(out, args, resume=True, log=log)
     training = lambda: fi.steps_done(out, t0, start_step) > start_step  # noqa: E731
-    if phase == "startup":
-        fi.wait_until(lambda: False, proc, rng.uniform(0.2, 6.0))
+    if phase == "startup":  # once the run holds its folder (and watches for signals), before or at its first step
+        fi.wait_until(lambda: str(proc.pid) in _lock_holder(out), proc, 300)
+        fi.wait_until(lambda: False, proc, rng.uniform(0.0, 1.0))
     elif phase == "train":
         fi.wait_until(training, proc, 300)
         fi.wait_until(lambda: False, proc, rng.uniform(0.0, 1.5))
@@ -92,9 +100,10 @@ def write_report(result: dict[str, Any], stem: Path) -> None:
         f"checkpoint every {fi.CHECKPOINT_EVERY} steps, newest 2 kept (as benchmarks/results/fault_injection.md)",
         f"- signals: **{result['signals']}** ({', '.join(f'{k}: {v}' for k, v in result['phases'].items())}); "
         f"{result['during_save']} landed while a checkpoint was being written, each followed by a second SIGTERM",
-        f"- exit code {PREEMPTED_EXIT} every time the run had started: {result['all_exit_75']} ({result['before_start']} "
-        f"signals came before the handler was installed, while Python imported torch: that process ended by "
-        f"SIGTERM's default action having done nothing there was to save)",
+        f"- exit code {PREEMPTED_EXIT} every time: {result['all_exit_75']}"
+        + (f" ({result['before_start']} signals came before the handler was installed, while Python imported torch: "
+           f"SIGTERM's default action ended those processes, which had nothing to save yet)"
+           if result["before_start"] else ""),
         f"- the newest verified checkpoint was no older than the step the signal hit: {result['not_older']} of "
         f"{result['signals']} (work lost per signal: {result['steps_lost_max']} steps at most)",
         f"- `step_*` folders that did not list as complete after a signal: {result['incomplete_folders_seen']}; "
@@ -114,28 +123,11 @@ def write_report(result: dict[str, Any], stem: Path) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--signals", type=int, default=20)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0, help="seed of the signal schedule")
-    p.add_argument("--io-pause", type=float, default=0.03, help="seconds around renames and per deleted file")
-    p.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one, removed)")
-    p.add_argument("--report", type=Path, default=fi.RESULTS / "preemption", help="results stem (.md, .json)")
-    args = p.parse_args(argv)
-    import torch
-
-    work = args.out or Path(__import__("tempfile").mkdtemp(prefix="preemption-"))
-    work.mkdir(parents=True, exist_ok=True)
-    reference, out, log = work / "reference", work / "run", work / "children.log"
+    args = fi.parser(__doc__, "signals", 20, 2, "preemption").parse_args(argv)
     load = os.getloadavg()
     t0 = time.time()
-    if fi.spawn(reference, args, resume=False, log=log).wait() != 0:
-        raise RuntimeError(f"the uninterrupted run failed; see {log}")
-    rng = random.Random(args.seed)
-    share = sum(PHASES.values())
-    phases = [ph for ph, n in PHASES.items() for _ in range(round(n * args.signals / share))]
-    phases = (phases + ["train"] * args.signals)[: args.signals]
-    rng.shuffle(phases)
+    work, reference, out, log = fi.reference_run(args, "preemption-")
+    phases, rng = fi.schedule(PHASES, args.signals, args.seed)
     lives = []
     for phase in phases:
         record = preempt_once(out, phase, rng, args, log)
@@ -150,9 +142,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     equal = fi.bitwise_equal(fi.final_state(reference), resumed)
     result = {
         "date": time.strftime("%Y-%m-%d"), "argv": list(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "load": " ".join(f"{v:.2f}" for v in load), "torch": torch.__version__},
-        "total_steps": resumed["metrics"][-1]["step"], "signals": len(lives),
+        "machine": fi.machine(load), "total_steps": resumed["metrics"][-1]["step"], "signals": len(lives),
         "phases": {ph: sum(k["phase"] == ph for k in lives) for ph in PHASES},
         "during_save": sum(k["second_signal"] for k in lives),
         "all_exit_75": all(k["exit_code"] == PREEMPTED_EXIT for k in lives if not k["before_start"]),

@@ -24,6 +24,13 @@ def train(*args: Any) -> int:
     return train_tool.main([*DIGITS, *map(str, args)])
 
 
+def trained(tmp_path_factory: Any, name: str, *args: Any) -> Path:
+    """A fresh run folder of ``train(*args)`` (which must succeed), for module-scoped fixtures."""
+    out = tmp_path_factory.mktemp(name) / "run"
+    assert train(*args, "--output-dir", out) == 0
+    return out
+
+
 def resume(out: Path, *args: Any) -> int:
     """``--resume auto`` of ``out`` with no other flag but ``args``: the run continues from its own config.yaml."""
     return train_tool.main(["--output-dir", str(out), "--resume", "auto", *map(str, args)])

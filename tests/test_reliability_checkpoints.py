@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from run_helpers import different_tensors, error_lines, model_state, train
+from run_helpers import different_tensors, error_lines, model_state, train, trained
 from timm_local.training import CHECKPOINT_DIR, latest_checkpoint, list_checkpoints, read_checkpoint_meta
 
 DROPOUT = ["--model-kwargs", "{drop_rate: 0.3}", "--checkpoint-every-steps", "1", "--keep-checkpoints", "0"]
@@ -24,17 +24,13 @@ STOP, FINAL = 3, 5
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     """FINAL steps with dropout (which draws from the RNG) and a checkpoint after every step: the reference."""
-    out = tmp_path_factory.mktemp("straight") / "run"
-    assert train(*DROPOUT, "--max-steps", FINAL, "--output-dir", out) == 0
-    return out
+    return trained(tmp_path_factory, "straight", *DROPOUT, "--max-steps", FINAL)
 
 
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory) -> Path:
     """The same run stopped after STOP steps (checkpoints step_1 .. step_STOP)."""
-    out = tmp_path_factory.mktemp("stopped") / "run"
-    assert train(*DROPOUT, "--max-steps", STOP, "--output-dir", out) == 0
-    return out
+    return trained(tmp_path_factory, "stopped", *DROPOUT, "--max-steps", STOP)
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:

@@ -20,7 +20,7 @@ import pytest
 from launchers import ROOT, TRAIN, subprocess_env
 from script_loader import load_module
 from timm_local.memory import PEAK_MEMORY_KEYS
-from run_helpers import DIGITS, different_tensors, error_lines, model_state, resume, train
+from run_helpers import DIGITS, different_tensors, error_lines, model_state, resume, train, trained
 from timm_local.training import CHECKPOINT_DIR, latest_checkpoint, list_checkpoints, read_metrics, verify_checkpoint
 from timm_local.training.checkpoint import checkpoint_step, load_state, newest_verified
 from timm_local.training.lock import LOCK_NAME
@@ -34,9 +34,7 @@ MEASURED = {"samples_per_s", "train_time_s", *PEAK_MEMORY_KEYS}
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("straight") / "run"
-    assert train(*FLAGS, "--max-steps", FINAL, "--output-dir", out) == 0
-    return out
+    return trained(tmp_path_factory, "straight", *FLAGS, "--max-steps", FINAL)
 
 
 def _spawn(out: Path, *extra: object) -> subprocess.Popen:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from run_helpers import different_tensors, error_lines, model_state, resume, train
-from timm_local.training import CHECKPOINT_DIR, latest_checkpoint, read_checkpoint_meta
+from run_helpers import different_tensors, error_lines, model_state, resume, trained
+from timm_local.training import CHECKPOINT_DIR, latest_checkpoint, read_checkpoint_meta, verify_checkpoint
 from timm_local.training.checkpoint import load_state, manifest
 from timm_local.training.safe_state import load_state_file, restore_rng
 
@@ -23,16 +23,12 @@ STOP, FINAL = 2, 4
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("straight") / "run"
-    assert train(*DROPOUT, "--max-steps", FINAL, "--output-dir", out) == 0
-    return out
+    return trained(tmp_path_factory, "straight", *DROPOUT, "--max-steps", FINAL)
 
 
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("stopped") / "run"
-    assert train(*DROPOUT, "--max-steps", STOP, "--output-dir", out) == 0
-    return out
+    return trained(tmp_path_factory, "stopped", *DROPOUT, "--max-steps", STOP)
 
 
 def test_no_file_of_a_checkpoint_is_a_pickle(stopped):
@@ -120,3 +116,46 @@ def test_a_pickle_that_runs_code_is_refused_before_it_runs(manifest_too, tmp_pat
     assert len(lines) == 1 and "custom_checkpoint_1.pkl" in lines[0] and "--trust-pickle" in lines[0], lines
     assert not marker.exists(), "the pickle's code ran"
     assert (ckpt / "custom_checkpoint_1.pkl").is_file()  # refused, not deleted
+
+
+def test_state_files_round_trip_what_pickle_would_have_held(tmp_path):
+    import numpy as np
+
+    from timm_local.training.safe_state import StateFormatError, save_state_file
+
+    state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)}},
+             "param_groups": [{"params": [0], "betas": (0.9, 0.999), "lr": float("inf"), "foreach": None}],
+             "numpy": np.arange(4, dtype=np.uint32), "$odd": "key", "nested": [(1, "a"), []]}
+    save_state_file(tmp_path / "s.safetensors", state)
+    back = load_state_file(tmp_path / "s.safetensors")
+    assert back["param_groups"] == state["param_groups"] and back["nested"] == state["nested"]
+    assert back["$odd"] == "key" and isinstance(back["param_groups"][0]["betas"], tuple)
+    assert torch.equal(back["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
+    assert back["numpy"].dtype == np.uint32 and (back["numpy"] == state["numpy"]).all()
+    with pytest.raises(StateFormatError, match="param_groups.0.fn is a builtin_function_or_method, which cannot be stored without pickle"):
+        save_state_file(tmp_path / "bad.safetensors", {"param_groups": [{"fn": len}]})
+
+
+def test_another_state_adds_one_named_file_to_every_checkpoint(tmp_path):
+    """What a branch adding an EMA of the weights does: one call, and the checkpoint holds ``ema.safetensors``,
+    listed in the manifest and loaded back on restore."""
+    from accelerate import Accelerator
+
+    from timm_local.training import TrainState
+    from timm_local.training.checkpoint import add_checkpoint_state, save_checkpoint
+    from timm_local.training.restore import restore_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    ema = torch.nn.Linear(3, 2)
+    add_checkpoint_state(accelerator, "ema", ema)
+    saved = {k: v.clone() for k, v in ema.state_dict().items()}
+    state = TrainState(global_step=7)
+    ckpt = save_checkpoint(accelerator, tmp_path, state, {"model": "x"}, keep=0)
+    assert "ema.safetensors" in read_checkpoint_meta(ckpt)["files"] and verify_checkpoint(ckpt)
+    with torch.no_grad():
+        ema.weight.add_(1.0)
+    restored = TrainState()
+    restore_checkpoint(accelerator, ckpt, restored)
+    assert not different_tensors(ema.state_dict(), saved) and restored.global_step == 7
+    with pytest.raises(ValueError, match="use letters"):
+        add_checkpoint_state(accelerator, "../ema", ema)

@@ -345,6 +345,7 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, meta:
         try:
             _publish(tmp, final, output_dir, keep)
         except OSError as e:
-            raise write_error(e, "the checkpoint", output_dir) from e
-    accelerator.wait_for_everyone()
+            error = e
+    if any_process(accelerator, error is not None):  # every process stops, not only the one that saw it
+        raise write_error(error or OSError(errno.EIO, "see the main process's error"), "the checkpoint", output_dir)
     return final

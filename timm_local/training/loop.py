@@ -96,9 +96,6 @@ def _fit(cfg: TrainConfig, runner: Runner, accelerator: Any, roll: RollCall, wat
     output_dir = cfg.resolved_output_dir()
     world = accelerator.num_processes
     resume_from = resolve_resume(cfg, output_dir)
-    if resume_from is not None and accelerator.is_main_process and resume_from.resolve().parent.parent == output_dir.resolve():
-        migrate_run_folder(output_dir, cfg.trust_pickle)  # lossless, once: the folder then holds no pickle
-    accelerator.wait_for_everyone()
     set_seed(cfg.seed)
 
     train_set, test_set, data = run_datasets(cfg)
@@ -134,6 +131,7 @@ def _fit(cfg: TrainConfig, runner: Runner, accelerator: Any, roll: RollCall, wat
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         discard_newer_checkpoints(output_dir, resume_from)
+        migrate_run_folder(output_dir, cfg.trust_pickle)  # lossless, once: the folder then holds no pickle
         (output_dir / CONFIG_NAME).write_text(yaml.safe_dump(to_jsonable(resolved), sort_keys=False))
     accelerator.wait_for_everyone()
     roll.check_shared_folder(output_dir)  # checkpoints and resume need one folder seen by every node

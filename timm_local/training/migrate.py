@@ -58,7 +58,7 @@ def migrate_run_folder(output_dir: Path, trust_pickle: bool = False) -> list[Pat
             migrate_checkpoint(folder, trust_pickle)
         except UnsafePickleError:
             raise
-        except (FileNotFoundError, CheckpointError) as e:
+        except (OSError, CheckpointError) as e:  # unreadable, or a full disk: it stays as it is, readable
             logger.warning("not migrating %s: %s", folder, e)
             continue
         done.append(folder)

@@ -104,13 +104,13 @@ def load_local_model(run_dir: Union[str, Path], checkpoint: Optional[Union[str, 
 
 
 def export_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None,
-               export_dir: Optional[Union[str, Path]] = None) -> Path:
+               export_dir: Optional[Union[str, Path]] = None, trust_pickle: bool = False) -> Path:
     """Export the backbone of a run's checkpoint (latest by default) to ``RUN_DIR/export``.
 
     Rebuilds only the timm backbone from the run's ``config.yaml`` and loads the ``backbone.*`` part of
     the checkpointed LocalModel state -- the auxiliary heads are not part of an export.
     """
-    run = read_run(run_dir, checkpoint)
+    run = read_run(run_dir, checkpoint, trust_pickle)
     cfg, data = run.cfg, run.data
     backbone_state = {k[len("backbone."):]: v for k, v in run.model_state.items() if k.startswith("backbone.")}
     backbone = build_backbone(cfg, data)
