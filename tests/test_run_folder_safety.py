@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,3 +180,31 @@ def test_a_truncated_last_metrics_line_is_repaired_on_resume(tmp_path, caplog):
     assert any("truncated" in r.getMessage() for r in caplog.records)
     lines = metrics.read_text().splitlines()
     assert all(json.loads(line) for line in lines) and [json.loads(line)["step"] for line in lines][:4] == [1, 2, 3, 4]
+
+
+def test_without_flock_the_lock_file_names_the_holder_and_a_dead_one_is_stale(tmp_path, monkeypatch, caplog):
+    """Some network filesystems answer flock with ENOLCK: the lock file's content is then the lock."""
+    import fcntl
+    import socket
+
+    from timm_local.training.lock import RunFolderLocked, RunLock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock_file = tmp_path / LOCK_NAME
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for host, pid, refused in ((socket.gethostname(), os.getppid(), "stop it first"), ("elsewhere", 1, f"delete {lock_file}"),
+                               (socket.gethostname(), dead.pid, None)):
+        lock_file.write_text(json.dumps({"host": host, "pid": pid, "started": 0}))
+        lock = RunLock(tmp_path)
+        if refused:
+            with pytest.raises(RunFolderLocked, match=re.escape(f"host {host}, pid {pid}") + ".*" + re.escape(refused)):
+                lock.acquire()
+            continue
+        lock.acquire()  # the holder's process is gone: stale, taken over
+        assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+        assert any("stale lock" in r.getMessage() for r in caplog.records)
+        lock.release()

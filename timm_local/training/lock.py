@@ -49,6 +49,7 @@ class RunLock:
     def __init__(self, folder: Path) -> None:
         self.path = Path(folder) / LOCK_NAME
         self.fd: Optional[int] = None
+        self.created_folder = False
 
     def holder(self) -> dict[str, Any]:
         """Who wrote the lock file last (empty if nobody or unreadable)."""
@@ -65,6 +66,7 @@ class RunLock:
                                f"another --output-dir{advice}")
 
     def acquire(self) -> None:
+        self.created_folder = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -94,11 +96,16 @@ class RunLock:
         raise self._refusal(holder, f" (this filesystem has no flock: if that run is gone, delete {self.path})")
 
     def release(self) -> None:
-        """Give the folder up (the file stays, emptied: removing it would race a waiting run's open)."""
+        """Give the folder up. The file stays, emptied (removing it would race a waiting run's open) -- unless
+        the lock created the folder and nothing else was written there (a run that failed during set-up):
+        then the folder goes too, so that a failed start leaves nothing behind."""
         if self.fd is None:
             return
         try:
             os.ftruncate(self.fd, 0)
+            if self.created_folder and [p.name for p in self.path.parent.iterdir()] == [LOCK_NAME]:
+                self.path.unlink()
+                self.path.parent.rmdir()
             fcntl.flock(self.fd, fcntl.LOCK_UN)
         except OSError:
             pass
