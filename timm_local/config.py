@@ -22,7 +22,7 @@ import yaml
 
 from .cli import ArgumentParser
 
-__all__ = ["CONFIG_NAME", "ConfigError", "ENGINES", "FIXED_ON_RESUME", "INVOCATION_KEYS", "MIXED_PRECISIONS",
+__all__ = ["CONFIG_NAME", "ConfigError", "ENGINES", "FLAG_ALIASES", "FIXED_ON_RESUME", "INVOCATION_KEYS", "MIXED_PRECISIONS",
            "SCHEDULE_KEYS", "TrainConfig", "build_parser", "config_changes", "config_from_dict", "is_resuming",
            "load_yaml", "parse_config", "previous_run_config", "validate_config"]
 
@@ -41,6 +41,10 @@ SCHEDULE_KEYS = ("lr", "epochs", "sched", "warmup_epochs", "warmup_lr", "min_lr"
 #: (model, method and its hyper-parameters, classes and channels are checked against the weights themselves).
 FIXED_ON_RESUME = ("batch_size", "dataset", "image_size", "seed", "opt", "momentum", "weight_decay",
                    "filter_bias_and_bn", "model_kwargs")
+
+
+#: Extra spellings of a flag: timm's train.py names (a timm user's habit) for the same key.
+FLAG_ALIASES = {"image_size": ["--img-size"]}
 
 
 class ConfigError(ValueError):
@@ -72,7 +76,9 @@ class TrainConfig:
     data_dir: Optional[str] = field(default=None, metadata={
         "help": "where a named dataset's files are (torchvision root, save_to_disk, parquet, class folders, "
                 "or hf-hub:ID)"})
-    image_size: Optional[int] = field(default=None, metadata={"help": "model input size; None = dataset's own"})
+    image_size: Optional[int] = field(default=None, metadata={
+        "help": "model input size (also --img-size); None = the dataset recipe's, else the timm model's "
+                "pretrained_cfg, else the image files'"})
     augment: bool = field(default=True, metadata={"help": "the paper's training augmentation for the dataset"})
     mean: Optional[list] = field(default=None, metadata={"help": "normalisation mean override (YAML list)"})
     std: Optional[list] = field(default=None, metadata={"help": "normalisation std override (YAML list)"})
@@ -357,6 +363,7 @@ def build_parser(description: Optional[str] = None) -> ArgumentParser:
         flags = [f"--{f.name.replace('_', '-')}"]
         if "_" in f.name:
             flags.append(f"--{f.name}")
+        flags += FLAG_ALIASES.get(f.name, [])
         help_ = f.metadata.get("help", "")
         if base is bool:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_)

@@ -149,7 +149,7 @@ def run_datasets(cfg: TrainConfig) -> tuple[Any, Any, DataConfig]:
         train_set, test_set, data = create_datasets(
             cfg.dataset, cfg.data_dir, image_size=cfg.image_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
             augment=cfg.augment, seed=cfg.seed, mean=cfg.mean, std=cfg.std, image_column=cfg.image_column,
-            label_column=cfg.label_column)
+            label_column=cfg.label_column, model=cfg.model, model_kwargs=cfg.model_kwargs)
     except CorruptImageError:
         raise
     except ValueError as e:  # a dataset that does not fit the run's settings (classes, columns, layout)
