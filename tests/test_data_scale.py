@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import timm_local.data as tld
@@ -127,3 +128,58 @@ def test_hf_class_count_without_class_label_reads_no_image(tmp_path, monkeypatch
     assert splits.classes is None
     decoded.clear()
     assert tld.count_classes(splits) == 3 and decoded == []
+
+
+# ---- the loader that keeps a GPU fed: the same values on every path ------------------------------------
+@pytest.mark.parametrize("style", ["digits", "photos"])
+def test_device_normalisation_equals_the_workers_bit_for_bit(style, photos):
+    """uint8 from the workers + normalisation on the device (here the CPU) == ToTensor + Normalize in the worker."""
+    from torch.utils.data import DataLoader
+
+    dataset, kwargs = ("digits", dict(image_size=16)) if style == "digits" else (str(photos), dict(model="resnet18"))
+    floats, _, data = tld.create_datasets(dataset, seed=1, **kwargs)
+    uint8, _, _ = tld.create_datasets(dataset, seed=1, normalize=False, **kwargs)
+    assert uint8[0][0].dtype == torch.uint8
+    want = next(iter(DataLoader(floats, batch_size=4)))[0]
+    got = next(iter(tld.DeviceBatches(DataLoader(uint8, batch_size=4), data.mean, data.std, "cpu")))[0]
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_persistent_workers_see_each_epoch(tmp_path):
+    """The epoch reaches workers that persist across epochs: their batches equal the in-process ones."""
+    from torch.utils.data import DataLoader
+
+    train, _, _ = tld.create_datasets("digits", image_size=8, seed=0)
+    subset = torch.utils.data.Subset(train, range(8))
+    persistent = DataLoader(subset, batch_size=8, num_workers=1, persistent_workers=True)
+    for epoch in (0, 1):
+        train.set_epoch(epoch)
+        got = next(iter(persistent))[0]
+        assert torch.equal(got, next(iter(DataLoader(subset, batch_size=8)))[0])
+    train.set_epoch(0)
+    assert not torch.equal(got, next(iter(DataLoader(subset, batch_size=8)))[0])  # the epochs do differ
+
+
+def test_the_resumable_sampler_drops_indices_not_batches():
+    from timm_local.training.samplers import ResumableDistributedSampler
+
+    plain = torch.utils.data.DistributedSampler(range(40), num_replicas=2, rank=1, seed=3, drop_last=True)
+    resumable = ResumableDistributedSampler(range(40), num_replicas=2, rank=1, seed=3, drop_last=True)
+    for s in (plain, resumable):
+        s.set_epoch(2)
+    resumable.skip = 8
+    assert list(resumable) == list(plain)[8:] and len(resumable) == len(plain) - 8
+
+
+def test_a_run_normalising_on_the_device_trains_the_same_weights(tmp_path):
+    """--device-normalize on the CPU: the whole run (steps, evaluation) bitwise equal to the workers' path."""
+    from run_helpers import model_state, train
+    from timm_local.training import latest_checkpoint
+
+    states = []
+    for flag in ("--no-device-normalize", "--device-normalize"):
+        out = tmp_path / flag.strip("-")
+        assert train("--max-steps", "3", "--output-dir", out, "--no-export", flag) == 0
+        states.append(model_state(latest_checkpoint(out)))
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

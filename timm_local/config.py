@@ -72,7 +72,8 @@ class TrainConfig:
 
     # --- data ---------------------------------------------------------------------------------
     dataset: Optional[str] = field(default=None, metadata={
-        "help": "built-in name (digits, cifar10, ...), a local folder, or hf-hub:OWNER/NAME; None = digits"})
+        "help": "built-in name (digits, cifar10, ...), a local folder, hf-hub:OWNER/NAME, or timm's hfds/NAME, "
+                "hfids/NAME, wds/ (with --data-dir); None = digits"})
     data_dir: Optional[str] = field(default=None, metadata={
         "help": "where a named dataset's files are (torchvision root, save_to_disk, parquet, class folders, "
                 "or hf-hub:ID)"})
@@ -85,6 +86,12 @@ class TrainConfig:
     image_column: Optional[str] = field(default=None, metadata={"help": "HF datasets image column (auto)"})
     label_column: Optional[str] = field(default=None, metadata={"help": "HF datasets label column (auto)"})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes per training process"})
+    streaming: bool = field(default=False, metadata={
+        "help": "read an HF dataset (save_to_disk folder or hf-hub:ID) as a stream of shards split over processes "
+                "and workers; wds/ and hfids/ specs always stream (docs/training.md, ImageNet)"})
+    device_normalize: Optional[bool] = field(default=None, metadata={
+        "help": "workers hand over uint8 images, copied asynchronously and normalised on the device (same "
+                "values); None = on a GPU"})
 
     # --- optimisation (paper A.2: SGD Nesterov 0.9, wd 1e-4, cosine with linear warm-up) -------
     epochs: int = field(default=10, metadata={"help": "training epochs"})

@@ -13,6 +13,7 @@ from .recipes import RECIPES, DatasetRecipe, generic_recipe
 from .resolve import load_image_sources
 from .seeded import SeededTransformDataset
 from .sources import HFSource, ImageSplits, TorchvisionSource
+from .streams import STREAM_PREFIXES, open_streams, spec_prefix
 from .transforms import build_transform, expand_stats
 
 __all__ = ["DataConfig", "LABEL_SCAN_LIMIT", "count_classes", "create_datasets", "native_image_size"]
@@ -74,7 +75,8 @@ def count_classes(splits: ImageSplits) -> int:
     return int(np.max(np.asarray(labels))) + 1
 
 
-def native_image_size(splits: ImageSplits, image_size: Optional[int], seed: int = 0) -> Optional[int]:
+def native_image_size(splits: ImageSplits, image_size: Optional[int], seed: int = 0, warn: bool = True
+                      ) -> Optional[int]:
     """The input size of a dataset without a recipe from its image files' sizes, over a seeded sample of
     each split (:func:`~timm_local.data.input_size.sample_file_sizes`, which also checks those files): the
     most common one, with a warning when they differ. None where the source is not image files."""
@@ -86,12 +88,25 @@ def native_image_size(splits: ImageSplits, image_size: Optional[int], seed: int 
     if not sizes:
         return None
     common = max(sizes.most_common(1)[0][0])
-    if len(sizes) > 1:
+    if len(sizes) > 1 and warn:
         counts = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sizes.most_common())
         chosen = f"--img-size {image_size}" if image_size else f"{common} px, the most common (--img-size sets another)"
         logger.warning("%s: images of %d different sizes in the %d files checked (%s); all are resized to %s",
                        splits.origin, len(sizes), sum(sizes.values()), counts, chosen)
     return common
+
+
+def _model_recipe(dataset: str, image_size: Optional[int], native_chans: int, num_classes: Optional[int],
+                  model: ModelInput) -> tuple[DatasetRecipe, str]:
+    """A dataset without recipe at ``model``'s input size (or ``--img-size``) with its preprocessing."""
+    recipe = generic_recipe(dataset, image_size or model.image_size, native_chans, num_classes)
+    if native_chans == 3:
+        recipe = replace(recipe, mean=model.mean, std=model.std)
+    why = "--img-size" if image_size else f"{model.model}'s pretrained_cfg (timm's resolve_model_data_config)"
+    if recipe.train_style != "imagenet":  # small inputs keep the CIFAR-style pad-and-crop
+        return recipe, why
+    recipe = replace(recipe, crop_pct=model.crop_pct, interpolation=model.interpolation)
+    return recipe, f"{why}; crop_pct {model.crop_pct}, {model.interpolation} from the model"
 
 
 def _generic_recipe(splits: ImageSplits, dataset: str, image_size: Optional[int], num_classes: int,
@@ -100,19 +115,11 @@ def _generic_recipe(splits: ImageSplits, dataset: str, image_size: Optional[int]
 
     The files are sampled (checked) even when the model decides: a wrong folder fails before the run starts.
     """
-    native = native_image_size(splits, image_size, seed)
+    native = native_image_size(splits, image_size, seed, warn=model is None)
     first, _ = splits.train[0]
     native_chans = 1 if first.mode in ("L", "1", "I", "I;16", "F") else 3
     if model is not None:
-        size = image_size or model.image_size
-        recipe = generic_recipe(dataset, size, native_chans, num_classes)
-        if native_chans == 3:
-            recipe = replace(recipe, mean=model.mean, std=model.std)
-        why = "--img-size" if image_size else f"{model.model}'s pretrained_cfg (timm's resolve_model_data_config)"
-        if recipe.train_style != "imagenet":  # small inputs keep the CIFAR-style pad-and-crop
-            return recipe, why
-        recipe = replace(recipe, crop_pct=model.crop_pct, interpolation=model.interpolation)
-        return recipe, f"{why}; crop_pct {model.crop_pct}, {model.interpolation} from the model"
+        return _model_recipe(dataset, image_size, native_chans, num_classes, model)
     size = image_size or native or max(first.size)
     if image_size:
         why = "--img-size"
@@ -138,13 +145,24 @@ def create_datasets(
     label_column: Optional[str] = None,
     model: Optional[str] = None,
     model_kwargs: Optional[dict[str, Any]] = None,
+    normalize: bool = True,
+    streaming: bool = False,
+    batch_size: int = 1,
+    workers: int = 0,
 ) -> tuple[SeededTransformDataset, SeededTransformDataset, DataConfig]:
     """Build the transformed train and test datasets of a run and describe them.
 
     ``image_size`` defaults to the dataset's own (32 for CIFAR, 96 for STL-10, ...); for a dataset without a
     recipe, to ``model``'s (timm's data config, :mod:`.input_size`), else to its files'. ``in_chans`` is
-    what the model wants. ``num_classes`` may exceed the labels found (never fall short of them).
+    what the model wants. ``streaming`` (or a ``hfids/`` / ``wds/`` spec) gives iterable sets
+    (:mod:`.streams`), read in shards by ``workers`` loader workers in batches of ``batch_size`` (global). ``normalize=False``: the sets give uint8 tensors, normalised later on the device
+    (:class:`~timm_local.data.device_loader.DeviceBatches` with the returned config's mean/std). ``num_classes`` may exceed the labels found (never fall short of them).
     """
+    if streaming or spec_prefix(dataset) in STREAM_PREFIXES:
+        return _stream_datasets(str(dataset), data_dir, image_size=image_size, in_chans=in_chans,
+                                num_classes=num_classes, augment=augment, seed=seed, mean=mean, std=std,
+                                columns=(image_column, label_column), model=model_input(model, model_kwargs),
+                                normalize=normalize, batch_size=batch_size, workers=workers)
     splits = load_image_sources(dataset, data_dir, image_column, label_column)
     found_classes = count_classes(splits)
     if num_classes is not None and num_classes < found_classes:
@@ -158,10 +176,10 @@ def create_datasets(
     size = int(image_size or recipe.image_size)
     mean_ = expand_stats(mean if mean is not None else recipe.mean, in_chans)
     std_ = expand_stats(std if std is not None else recipe.std, in_chans)
-    train = SeededTransformDataset(splits.train, build_transform(recipe, size, in_chans, True, augment, mean_, std_),
-                                   seed=seed)
-    test = SeededTransformDataset(splits.test, build_transform(recipe, size, in_chans, False, augment, mean_, std_),
-                                  seed=seed)
+    transforms = [build_transform(recipe, size, in_chans, training, augment, mean_, std_, normalize)
+                  for training in (True, False)]
+    train = SeededTransformDataset(splits.train, transforms[0], seed=seed)
+    test = SeededTransformDataset(splits.test, transforms[1], seed=seed)
     cfg = DataConfig(
         dataset=recipe.name if recipe.name in RECIPES else str(dataset), origin=splits.origin,
         num_classes=int(num_classes or found_classes), classes=splits.classes, image_size=size, in_chans=in_chans,
@@ -169,4 +187,35 @@ def create_datasets(
         interpolation=recipe.interpolation, train_size=len(train), test_size=len(test), augment=augment,
         recipe=recipe.name if recipe.name in RECIPES else "generic", size_source=size_source,
     )
+    return train, test, cfg
+
+
+def _stream_datasets(dataset: str, data_dir: Optional[str], *, image_size: Optional[int], in_chans: int,
+                     num_classes: Optional[int], augment: bool, seed: int, mean: Optional[Sequence[float]],
+                     std: Optional[Sequence[float]], columns: tuple[Optional[str], Optional[str]],
+                     model: Optional[ModelInput], normalize: bool, batch_size: int, workers: int
+                     ) -> tuple[Any, Any, DataConfig]:
+    """Iterable train/test sets (:func:`~.streams.open_streams`): no file is listed or sampled, so the model
+    (or ``--img-size``) decides the input size, and the images are taken as RGB."""
+    if model is None and not image_size:
+        raise ValueError(f"{dataset}: a stream is not sampled at start and the model has no input-size default; "
+                         f"pass --img-size")
+    if model is not None:
+        recipe, size_source = _model_recipe(dataset, image_size, 3, num_classes, model)
+    else:
+        recipe, size_source = generic_recipe(dataset, int(image_size), 3, num_classes), "--img-size"
+    size = int(image_size or recipe.image_size)
+    mean_ = expand_stats(mean if mean is not None else recipe.mean, in_chans)
+    std_ = expand_stats(std if std is not None else recipe.std, in_chans)
+    transforms = tuple(build_transform(recipe, size, in_chans, training, augment, mean_, std_, normalize)
+                       for training in (True, False))
+    train, test, found_classes, classes, origin = open_streams(dataset, data_dir, transforms, batch_size, seed,
+                                                               workers, *columns, num_classes)
+    if num_classes is not None and num_classes < found_classes:
+        raise ValueError(f"num_classes={num_classes} but the dataset has {found_classes} classes ({origin}).")
+    cfg = DataConfig(
+        dataset=dataset, origin=origin, num_classes=int(num_classes or found_classes), classes=classes,
+        image_size=size, in_chans=in_chans, native_in_chans=3, mean=mean_, std=std_, crop_pct=recipe.crop_pct,
+        interpolation=recipe.interpolation, train_size=train.num_samples, test_size=test.num_samples,
+        augment=augment, recipe="generic", size_source=size_source)
     return train, test, cfg
