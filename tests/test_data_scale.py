@@ -183,3 +183,15 @@ def test_a_run_normalising_on_the_device_trains_the_same_weights(tmp_path):
         states.append(model_state(latest_checkpoint(out)))
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_the_loader_benchmark_measures_every_case(tmp_path):
+    import json
+
+    bench = load_module("_loader_throughput", ROOT / "benchmarks" / "loader_throughput.py")
+    out = tmp_path / "lt"
+    assert bench.main(["--images", "20", "--rounds", "1", "--workers", "0", "--batch-size", "4", "--out",
+                       str(out)]) == 0
+    rates = json.loads(out.with_suffix(".json").read_text())["images_per_s"]
+    assert set(rates) == set(bench.CASES) and all(r["0"] > 0 for r in rates.values())
+    assert "| timm create_loader | " in out.with_suffix(".md").read_text()

@@ -106,6 +106,8 @@ def test_timm_specs_and_stream_errors(fake_imagenet, tmp_path):
         tld.create_datasets("wds/", str(tmp_path), model="resnet18")
     with pytest.raises(ValueError, match="--img-size"):
         tld.create_datasets(str(fake_imagenet / "hf"), streaming=True, model="resnet20_cifar")
+    with pytest.raises(ValueError, match="split sizes"):
+        tld.create_datasets(f"hfids/{fake_imagenet / 'folder'}", str(tmp_path / "cache"), model="resnet18")
     train, test, cfg = tld.create_datasets(str(fake_imagenet / "hf"), streaming=True, model="resnet18")
     assert (cfg.image_size, cfg.num_classes, cfg.train_size, cfg.test_size) == (224, 4, 16, 8)
     assert isinstance(train, tld.Stream) and "resnet18" in cfg.size_source

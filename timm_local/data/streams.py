@@ -13,6 +13,11 @@ Two kinds, and why they differ:
   the consumed batches are read again and skipped (nothing is trained twice), but shuffle buffers make
   the skipped samples equal to the trained ones only for HF streams (``shuffle(seed).set_epoch``), not for
   ``wds/`` (timm seeds its buffer per loader worker). Exact mid-epoch resume needs a map-style format.
+
+``wds/`` and ``hfds/`` go through ``timm.data.create_dataset``. HF streams (``hfids/`` and ``--streaming``)
+are read by :class:`HFStream`, which makes the calls timm's hfids reader makes (``load_dataset(...,
+streaming=True)``, ``shuffle(seed)``, ``split_dataset_by_node``) but also takes a local ``save_to_disk``
+folder (``Dataset.to_iterable_dataset``), whose size is known without a pass over it.
 """
 from __future__ import annotations
 
@@ -144,6 +149,10 @@ def _hf_stream_splits(dataset: str, data_dir: Optional[str], image_column: Optio
     if dataset.startswith(HUB_PREFIX) or dataset.lower().startswith("hfids/"):
         name = dataset.split(":", 1)[1] if dataset.startswith(HUB_PREFIX) else dataset.split("/", 1)[1]
         info = datasets.load_dataset_builder(name, cache_dir=data_dir).info
+        if not info.splits:
+            raise ValueError(f"{dataset}: the split sizes are not in the dataset's info (hub datasets have them, "
+                             f"local data files do not) and a stream needs them for its steps per epoch; use "
+                             f"hfds/{name} (map-style), or save_to_disk it and pass the folder with --streaming")
         splits = {s: datasets.load_dataset(name, split=s, streaming=True, cache_dir=data_dir) for s in info.splits}
         sizes = {s: int(info.splits[s].num_examples or 0) for s in info.splits}
         features = info.features
