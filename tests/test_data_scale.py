@@ -195,3 +195,34 @@ def test_the_loader_benchmark_measures_every_case(tmp_path):
     rates = json.loads(out.with_suffix(".json").read_text())["images_per_s"]
     assert set(rates) == set(bench.CASES) and all(r["0"] > 0 for r in rates.values())
     assert "| timm create_loader | " in out.with_suffix(".md").read_text()
+
+
+def test_batches_already_on_the_device_are_normalised_in_step():
+    """Accelerate's loaders track their own end (gather_for_metrics drops the padding of the last batch by
+    it): a batch they placed is passed on before the next one is asked for."""
+    pulled: list[int] = []
+
+    def loader():
+        for i in range(3):
+            pulled.append(i)
+            yield torch.full((2, 3, 4, 4), i, dtype=torch.uint8), torch.tensor([i, i])
+
+    batches = tld.DeviceBatches(list(loader()), (0.5,) * 3, (0.25,) * 3, "cpu")  # materialised: a plain list
+    pulled.clear()
+    wrapped = tld.DeviceBatches(loader(), (0.5,) * 3, (0.25,) * 3, "cpu")
+    for i, (x, y) in enumerate(wrapped):
+        assert pulled == list(range(i + 1)) and torch.equal(y, torch.tensor([i, i]))
+        assert torch.allclose(x, torch.full_like(x, (i / 255 - 0.5) / 0.25))
+    assert len(batches) == 3
+
+
+def test_image_tars_read_as_the_folders_they_pack(tmp_path):
+    """train.tar + val.tar holding class folders (timm's ReaderImageInTar): random access, the same samples."""
+    written = fake.make_fake_imagenet(tmp_path, classes=3, train_per_class=2, val_per_class=1,
+                                      routes=["folder", "tar"], size=(40, 30))
+    folder, _, by_folder = tld.create_datasets(str(written["folder"]), image_size=16, seed=2)
+    tars, tars_test, by_tar = tld.create_datasets(str(written["tar"]), image_size=16, seed=2)
+    assert by_tar.classes == by_folder.classes and (len(tars), len(tars_test)) == (6, 3)
+    assert "train.tar" in by_tar.origin
+    for i in range(len(folder)):  # same order, same seeded augmentation, same pixels
+        assert tars[i][1] == folder[i][1] and torch.equal(tars[i][0], folder[i][0])

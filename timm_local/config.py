@@ -22,7 +22,7 @@ import yaml
 
 from .cli import ArgumentParser
 
-__all__ = ["CONFIG_NAME", "ConfigError", "ENGINES", "FLAG_ALIASES", "FIXED_ON_RESUME", "INVOCATION_KEYS", "MIXED_PRECISIONS",
+__all__ = ["CONFIG_NAME", "ConfigError", "ENGINES", "FIXED_ON_RESUME", "INVOCATION_KEYS", "MIXED_PRECISIONS",
            "SCHEDULE_KEYS", "TrainConfig", "build_parser", "config_changes", "config_from_dict", "is_resuming",
            "load_yaml", "parse_config", "previous_run_config", "validate_config"]
 

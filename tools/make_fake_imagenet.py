@@ -3,11 +3,12 @@
 
     python tools/make_fake_imagenet.py OUT --classes 10 --train-per-class 50 --val-per-class 10
 
-writes the same images three ways, one per route of docs/training.md's "ImageNet" section:
+writes the same images four ways, one per route of docs/training.md's "ImageNet" section:
 
     OUT/folder/{train,val}/<wnid>/<wnid>_<i>.JPEG        --dataset OUT/folder
     OUT/wds/imagenet-{train,val}-NNNNNN.tar + _info.json --dataset wds/ --data-dir OUT/wds
-    OUT/hf/  (DatasetDict.save_to_disk, ClassLabel)      --dataset OUT/hf   or   hfds/, hfids/ with --data-dir
+    OUT/hf/  (DatasetDict.save_to_disk, ClassLabel)      --dataset OUT/hf   (--streaming: as a stream)
+    OUT/tar/{train,val}.tar  (<wnid>/<name>.JPEG inside)  --dataset OUT/tar
 
 Why generated: tests and the loader benchmark need files shaped like ImageNet's (JPEG, 500x375 mostly,
 baseline-encoded at a photo's quality) without the 150 GB download. Pixels are a smooth class colour plus
@@ -31,7 +32,7 @@ SIZE_MIX: tuple[tuple[tuple[int, int], float], ...] = (
     ((500, 375), 0.45), ((500, 333), 0.18), ((375, 500), 0.10), ((500, 500), 0.07), ((333, 500), 0.05),
     ((400, 300), 0.15),
 )
-ROUTES = ("folder", "wds", "hf")
+ROUTES = ("folder", "wds", "hf", "tar")
 
 
 def wnids(classes: int) -> list[str]:
@@ -100,6 +101,17 @@ def write_shards(root: Path, split: str, images: Sequence[tuple[str, int, bytes]
     return {"name": split, "num_samples": len(images), "filenames": filenames, "shard_lengths": lengths}
 
 
+def write_tar(root: Path, split: str, images: Sequence[tuple[str, int, bytes]], classes: int) -> None:
+    """One tar per split holding the class folders (a folder tree packed for a network disk)."""
+    root.mkdir(parents=True, exist_ok=True)
+    names = wnids(classes)
+    with tarfile.open(root / f"{split}.tar", "w") as tar:
+        for name, label, data in images:
+            info = tarfile.TarInfo(f"{names[label]}/{name}.JPEG")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
 def write_hf(root: Path, splits: dict[str, Sequence[tuple[str, int, bytes]]], classes: int) -> None:
     """An HF ``DatasetDict`` with an ``Image`` and a ``ClassLabel`` column (the hub's imagenet-1k features)."""
     import datasets
@@ -134,6 +146,10 @@ def make_fake_imagenet(out: Path, classes: int = 10, train_per_class: int = 20, 
     if "hf" in routes:
         write_hf(out / "hf", splits, classes)
         written["hf"] = out / "hf"
+    if "tar" in routes:
+        for split, images in splits.items():
+            write_tar(out / "tar", split, images, classes)
+        written["tar"] = out / "tar"
     return written
 
 

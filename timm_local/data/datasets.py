@@ -149,14 +149,17 @@ def create_datasets(
     streaming: bool = False,
     batch_size: int = 1,
     workers: int = 0,
-) -> tuple[SeededTransformDataset, SeededTransformDataset, DataConfig]:
-    """Build the transformed train and test datasets of a run and describe them.
+) -> tuple[Any, Any, DataConfig]:
+    """Build the transformed train and test datasets of a run and describe them: map-style
+    :class:`~.seeded.SeededTransformDataset` pairs, or :class:`~.streams.Stream` pairs.
 
     ``image_size`` defaults to the dataset's own (32 for CIFAR, 96 for STL-10, ...); for a dataset without a
     recipe, to ``model``'s (timm's data config, :mod:`.input_size`), else to its files'. ``in_chans`` is
-    what the model wants. ``streaming`` (or a ``hfids/`` / ``wds/`` spec) gives iterable sets
-    (:mod:`.streams`), read in shards by ``workers`` loader workers in batches of ``batch_size`` (global). ``normalize=False``: the sets give uint8 tensors, normalised later on the device
-    (:class:`~timm_local.data.device_loader.DeviceBatches` with the returned config's mean/std). ``num_classes`` may exceed the labels found (never fall short of them).
+    what the model wants. ``num_classes`` may exceed the labels found (never fall short of them).
+    ``normalize=False``: the sets give uint8 tensors, normalised later on the device
+    (:class:`~timm_local.data.device_loader.DeviceBatches` with the returned config's mean/std).
+    ``streaming`` (or a ``hfids/`` / ``wds/`` spec) gives iterable sets (:mod:`.streams`), read in shards by
+    ``workers`` loader workers per process in batches of ``batch_size`` (global).
     """
     if streaming or spec_prefix(dataset) in STREAM_PREFIXES:
         return _stream_datasets(str(dataset), data_dir, image_size=image_size, in_chans=in_chans,

@@ -29,10 +29,10 @@ def normalize_batch(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
 class DeviceBatches:
     """Iterate ``loader``'s ``(uint8 images, labels)`` as normalised float32 images on ``device``.
 
-    Batches already on the device (Accelerate's prepared loaders move them) are only normalised; others are
-    copied with ``non_blocking=True`` (from pinned memory, an asynchronous copy), on a side stream on CUDA,
-    one batch ahead. ``normalize=False``: batches the workers normalised, only moved. ``set_epoch``, ``len``
-    and the loader's other attributes pass through.
+    Batches already on the device (Accelerate's prepared loaders move them) are only normalised, in step;
+    others are copied with ``non_blocking=True`` (from pinned memory, an asynchronous copy), on a side
+    stream on CUDA, one batch ahead. ``normalize=False``: batches the workers normalised, only moved.
+    ``set_epoch``, ``len`` and the loader's other attributes pass through.
     """
 
     def __init__(self, loader: Any, mean: Sequence[float], std: Sequence[float], device: Any,
@@ -65,6 +65,11 @@ class DeviceBatches:
             self.stream = torch.cuda.Stream(device=self.device)
         pending = None
         for x, y in self.loader:
+            if x.device == self.device:
+                # placed by Accelerate, which reads one batch ahead itself and tracks the end of the loader for
+                # gather_for_metrics: normalise in step with it, never a batch ahead
+                yield self._ready(x, y)
+                continue
             if cuda:
                 consumer = torch.cuda.current_stream(self.device)
                 self.stream.wait_stream(consumer)  # blocks the consumer freed may be reused by the copy below

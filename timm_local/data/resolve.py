@@ -116,9 +116,10 @@ def load_image_sources(
     """Resolve ``dataset`` (+ ``data_dir``) to train and test image sources, without transforms.
 
     ``dataset`` is a built-in name (see :func:`~timm_local.data.list_datasets`), a local folder, an HF
-    hub id (``hf-hub:owner/name``) or timm's map-style spec ``hfds/NAME`` (``data_dir``: its cache folder); ``None`` means the default dataset. For a named dataset, ``data_dir``
-    is where its files are (any supported format, or ``hf-hub:ID``); without it ``$TIMM_LOCAL_DATA_DIR`` and
-    ``./data`` are searched. Never downloads unless given a hub id.
+    hub id (``hf-hub:owner/name``) or timm's map-style spec ``hfds/NAME`` (``data_dir``: its cache folder);
+    ``None`` means the default dataset. For a named dataset, ``data_dir`` is where its files are (any
+    supported format, or ``hf-hub:ID``); without it ``$TIMM_LOCAL_DATA_DIR`` and ``./data`` are searched.
+    Never downloads unless given a hub id (``hfds/`` names one too, as timm does).
     """
     dataset = dataset or DEFAULT_DATASET
     if spec_prefix(dataset) in MAP_PREFIXES:

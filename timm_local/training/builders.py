@@ -23,9 +23,9 @@ from .metrics import tracker_names
 from .state import TrainState
 
 __all__ = ["Schedule", "apply_speed_options", "build_backbone", "build_local_model", "check_precision",
-           "device_batches", "eval_batch_size", "freeze_batchnorm", "has_accelerator", "make_accelerator", "make_loader",
-           "method_kwargs", "normalize_on_device", "prepare_optimization", "restart_schedule", "run_datasets",
-           "tune_convolutions"]
+           "device_batches", "eval_batch_size", "freeze_batchnorm", "has_accelerator", "make_accelerator",
+           "make_loader", "method_kwargs", "normalize_on_device", "prepare_optimization", "restart_schedule",
+           "run_datasets", "tune_convolutions"]
 
 logger = logging.getLogger(__name__)
 

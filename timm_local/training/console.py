@@ -25,7 +25,8 @@ def start_line(cfg: TrainConfig, data: Any, lm: Any, output_dir: Path, world: in
     size_source = f" (size from {data.size_source})" if getattr(data, "size_source", "") else ""
     return (f"training {cfg.model} with {lm.method_name}{f' ({settings})' if settings else ''} on {dataset}: "
             f"{data.train_size} train / {data.test_size} test images, {data.num_classes} classes, "
-            f"{data.in_chans}x{data.image_size}x{data.image_size}{size_source}; {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} "
+            f"{data.in_chans}x{data.image_size}x{data.image_size}{size_source}; "
+            f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} "
             f"of batch {cfg.batch_size} "
             f"on {world} process{'es' if world > 1 else ''}; run folder {output_dir}")
 
