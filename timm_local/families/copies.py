@@ -13,14 +13,13 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # (partition imports the families)
-    from ..partition import BlockSpec
+from .spec import BlockSpec
 
 __all__ = ["ShapeProjection", "fresh_copy", "reinitialise"]
 
@@ -107,7 +106,7 @@ def token_grid(tokens: int) -> tuple[int, tuple[int, int]] | None:
     return None
 
 
-def _grid(spec: "BlockSpec") -> tuple[int, tuple[int, int]] | None:
+def _grid(spec: BlockSpec) -> tuple[int, tuple[int, int]] | None:
     """(leading tokens, (H, W)) of a block output, or None for a token sequence without a grid."""
     if spec.layout == "NCHW":
         return 0, (spec.shape[1], spec.shape[2])
@@ -129,7 +128,7 @@ class ShapeProjection(nn.Module):
     square grid is mapped channel-wise only, its length adjusted by the same leading-token rule.
     """
 
-    def __init__(self, source: "BlockSpec", target: "BlockSpec") -> None:
+    def __init__(self, source: BlockSpec, target: BlockSpec) -> None:
         super().__init__()
         self.source_layout, self.target_layout = source.layout, target.layout
         src, tgt = _grid(source), _grid(target)
