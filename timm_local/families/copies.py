@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .spec import BlockSpec
 
-__all__ = ["ShapeProjection", "fresh_copy", "reinitialise"]
+__all__ = ["ShapeProjection", "fresh_copy"]
 
 
 def _model_init(model: nn.Module) -> Callable[[nn.Module], None] | None:
@@ -38,7 +38,7 @@ def _model_init(model: nn.Module) -> Callable[[nn.Module], None] | None:
     return None
 
 
-def reinitialise(module: nn.Module, model: nn.Module) -> None:
+def _reinitialise(module: nn.Module, model: nn.Module) -> None:
     """Re-draw every parameter (and reset running statistics) of ``module``, a copy of part of ``model``.
 
     In order: each submodule's own ``reset_parameters()`` (PyTorch layers, timm layers such as
@@ -82,24 +82,24 @@ def _is_constant(p: torch.Tensor) -> float | None:
 
 
 def fresh_copy(block: nn.Module, model: nn.Module) -> nn.Module:
-    """``block``'s architecture with new weights: a deep copy, re-initialised (:func:`reinitialise`).
+    """``block``'s architecture with new weights: a deep copy, re-initialised (:func:`_reinitialise`).
 
     Running the copy in eval mode on the primary's input gives the primary's output shape; nothing
     in it is shared with (or equal to a trained value of) the primary block.
     """
     clone = copy.deepcopy(block)
-    reinitialise(clone, model)
+    _reinitialise(clone, model)
     return clone
 
 
 #: At most this many leading (class / register) tokens are recognised, added or dropped by a projection.
-MAX_LEADING_TOKENS = 16
+_MAX_LEADING_TOKENS = 16
 
 
-def token_grid(tokens: int) -> tuple[int, tuple[int, int]] | None:
+def _token_grid(tokens: int) -> tuple[int, tuple[int, int]] | None:
     """(leading tokens, (side, side)): the fewest leading class / register tokens that leave a square
     grid of patch tokens (ViT: 197 = 1 + 14 x 14), or None."""
-    for leading in range(min(MAX_LEADING_TOKENS, tokens - 1) + 1):
+    for leading in range(min(_MAX_LEADING_TOKENS, tokens - 1) + 1):
         side = math.isqrt(tokens - leading)
         if side > 0 and side * side == tokens - leading:
             return leading, (side, side)
@@ -112,7 +112,7 @@ def _grid(spec: BlockSpec) -> tuple[int, tuple[int, int]] | None:
         return 0, (spec.shape[1], spec.shape[2])
     if spec.layout == "NHWC":
         return 0, (spec.shape[0], spec.shape[1])
-    return token_grid(spec.shape[0])
+    return _token_grid(spec.shape[0])
 
 
 class ShapeProjection(nn.Module):
@@ -144,7 +144,7 @@ class ShapeProjection(nn.Module):
         self.stride: int | None = None
         if src is None or tgt is None:
             if not (source.layout == target.layout == "NLC"
-                    and abs(target.shape[0] - source.shape[0]) <= MAX_LEADING_TOKENS):
+                    and abs(target.shape[0] - source.shape[0]) <= _MAX_LEADING_TOKENS):
                 raise ValueError(
                     f"cannot project block {source.name!r}'s output {source.shape} ({source.layout}) to the "
                     f"input {target.shape} ({target.layout}) of a copy of the block after {target.name!r}: a "

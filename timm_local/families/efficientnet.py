@@ -38,7 +38,7 @@ from timm.models.efficientnet import EfficientNet
 from ._layers import act_layer_of, norm_layer_like, pad_type_of
 from ._registry import FamilyAdapter, register_family
 
-SUPPORTED_BLOCKS = (DepthwiseSeparableConv, InvertedResidual, EdgeResidual, ConvBnAct)
+_SUPPORTED_BLOCKS = (DepthwiseSeparableConv, InvertedResidual, EdgeResidual, ConvBnAct)
 
 
 def _group_size(conv: nn.Conv2d) -> int:
@@ -88,9 +88,9 @@ def _unsupported(model: nn.Module) -> Optional[str]:
     """Why this adapter cannot cut ``model`` (a block type it cannot copy), or None."""
     for i, stage in enumerate(model.blocks):
         for j, block in enumerate(stage):
-            if not isinstance(block, SUPPORTED_BLOCKS) or isinstance(block, CondConvResidual):
+            if not isinstance(block, _SUPPORTED_BLOCKS) or isinstance(block, CondConvResidual):
                 return (f"efficientnet adapter cannot cut blocks.{i}.{j}: {type(block).__name__} is not "
-                        f"supported (supported: {', '.join(c.__name__ for c in SUPPORTED_BLOCKS)}); "
+                        f"supported (supported: {', '.join(c.__name__ for c in _SUPPORTED_BLOCKS)}); "
                         "see docs/families.md to register an adapter that handles it")
             if getattr(block, "conv_s2d", None) is not None:
                 return f"efficientnet adapter cannot copy blocks.{i}.{j}: space-to-depth blocks are not supported"
@@ -130,7 +130,7 @@ class EfficientNetFamily(FamilyAdapter):
             if isinstance(block, block_class):
                 return block_class(in_chs, out_chs, stride=stride, pad_type=pad_type, **read_args(block, model))
         raise TypeError(
-            f"efficientnet adapter can copy {', '.join(c.__name__ for c in SUPPORTED_BLOCKS)} and the "
+            f"efficientnet adapter can copy {', '.join(c.__name__ for c in _SUPPORTED_BLOCKS)} and the "
             f"head conv, not {type(block).__name__}"
         )
 

@@ -38,7 +38,7 @@ from .probe_values import ProbeValues, check_input_shape
 
 __all__ = ["cut_forward_features"]
 
-NamedBlocks = list[tuple[str, nn.Module]]
+_NamedBlocks = list[tuple[str, nn.Module]]
 
 
 class _Tracked:
@@ -219,8 +219,8 @@ class _Cutter:
         return [(s.first, s.last) for s in segments]
 
     # ------------------------------------------------------------------ building the blocks
-    def build(self, ranges: list[tuple[int, int]]) -> NamedBlocks:
-        blocks: NamedBlocks = []
+    def build(self, ranges: list[tuple[int, int]]) -> _NamedBlocks:
+        blocks: _NamedBlocks = []
         for k, (a, b) in enumerate(ranges):
             source = self.input if k == 0 else self.crossing(a - 1)
             result = self.output.args[0] if k == len(ranges) - 1 else self.crossing(b)
@@ -318,7 +318,7 @@ def _reads_shape(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("size", "dim")
 
 
-def cut_forward_features(model: nn.Module, input_size: Sequence[int]) -> NamedBlocks:
+def cut_forward_features(model: nn.Module, input_size: Sequence[int]) -> _NamedBlocks:
     """(name, module) of the local blocks of ``model`` for ``(C, H, W)`` inputs; raises
     :class:`TraceFailure` with the reason when it cannot cut the model."""
     cutter = _Cutter(_Tracked(model, input_size), input_size)

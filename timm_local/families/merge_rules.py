@@ -51,7 +51,7 @@ def segment_of(body: Sequence[fx.Node], first: int, last: int, obj: Callable[[fx
     return Segment(first, last, compute, frozenset().union(*(node_parameters(n, obj) for n in nodes)))
 
 
-Rule = Callable[[list[Segment], int], Optional[list[Segment]]]
+_Rule = Callable[[list[Segment], int], Optional[list[Segment]]]
 
 
 def _joined(segments: list[Segment], start: int, end: int) -> list[Segment]:
@@ -89,7 +89,7 @@ def join_parameter_sharers(segments: list[Segment], k: int) -> Optional[list[Seg
 
 
 #: The merge rules, each ``rule(segments, k)`` -> the segments after merging at ``k``, or None.
-MERGE_RULES: tuple[Rule, ...] = (join_no_compute_to_neighbour, join_lone_layer_to_next, join_parameter_sharers)
+MERGE_RULES: tuple[_Rule, ...] = (join_no_compute_to_neighbour, join_lone_layer_to_next, join_parameter_sharers)
 
 
 def merge_segments(segments: list[Segment]) -> list[Segment]:
