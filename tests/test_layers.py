@@ -26,6 +26,12 @@ KNOWN_CIRCLES: dict[str, frozenset[str]] = {
     # Still to be cut: cost.cost_report (a report) runs process_cost's fresh-process measurement, which
     # measures with cost's live-tensor tracker (a primitive); the report belongs above both.
     "cost-process_cost": frozenset({"timm_local.cost", "timm_local.process_cost"}),
+    # Still to be cut: data.streams reads resolve's HUB_PREFIX (a constant) with a lazy import, and
+    # resolve imports the readers, which import streams; the constant belongs in a leaf both import.
+    "data-readers-streams": frozenset({
+        "timm_local.data.readers", "timm_local.data.readers.imagetar", "timm_local.data.resolve",
+        "timm_local.data.streams",
+    }),
 }
 
 
