@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 import torch
 import torch.distributed as dist
 
+from ..balance import min_max_split
 from ..cost import count_macs
 from .stage import run_stage
 from .topology import PipelineTopology
@@ -99,9 +100,7 @@ def local_stage_costs(
 
 def balanced_cut(costs: Sequence[float], num_segments: int) -> list[int]:
     """Start index of each of ``num_segments`` contiguous, non-empty segments of ``costs``
-    minimising the largest segment sum (exact dynamic programme, O(W·n²), n ≤ a few hundred).
-
-    Among optimal cuts the one with the latest boundaries is returned, a deterministic choice.
+    minimising the largest segment sum (:func:`~timm_local.balance.min_max_split`).
     """
     n = len(costs)
     if num_segments < 1:
@@ -113,26 +112,7 @@ def balanced_cut(costs: Sequence[float], num_segments: int) -> list[int]:
         )
     if any(c < 0 for c in costs):
         raise ValueError("local stage costs must be non-negative")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + float(c))
-    inf = float("inf")
-    # best[k][i]: smallest possible max segment cost covering stages [0, i) with k segments.
-    best = [[inf] * (n + 1) for _ in range(num_segments + 1)]
-    arg = [[0] * (n + 1) for _ in range(num_segments + 1)]
-    best[0][0] = 0.0
-    for k in range(1, num_segments + 1):
-        for i in range(k, n - (num_segments - k) + 1):
-            for j in range(k - 1, i):
-                value = max(best[k - 1][j], prefix[i] - prefix[j])
-                if value <= best[k][i]:
-                    best[k][i], arg[k][i] = value, j
-    starts = []
-    i = n
-    for k in range(num_segments, 0, -1):
-        i = arg[k][i]
-        starts.append(i)
-    return starts[::-1]
+    return min_max_split(costs, num_segments)
 
 
 def segment_ranges(starts: Sequence[int], num_stages: int) -> list[range]:
