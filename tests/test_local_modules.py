@@ -10,7 +10,7 @@ from timm_local.engine import local_stage_costs, sequential_local_step
 from timm_local.methods.auglocal import module_plans
 from timm_local.methods.modules import block_macs, resolve_module_ends
 
-PER_MODULE_METHODS = ["dgl", "predsim", "infopro", "auglocal", "auglocal_infopro"]
+PER_MODULE_METHODS = ["dgl", "predsim", "infopro", "auglocal", "auglocal_infopro", "man"]
 
 
 def _model(method: str, model: str = "resnet20_cifar", size: int = 16, **kwargs) -> timm_local.LocalModel:

@@ -48,6 +48,8 @@ def sequential_local_step(
     for stage in stages:
         h, loss, stage_logits = run_stage(partition, stage, h.detach(), target, inputs)
         backward(loss)
+        if stage.head is not None:
+            stage.head.after_backward()
         losses.append(loss.detach())
         detached = None if stage_logits is None else stage_logits.detach()
         if stage.head is None:

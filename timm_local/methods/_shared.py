@@ -78,6 +78,9 @@ class ChannelsFirst(LocalHead):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.head.local_loss(features.permute(0, 3, 1, 2), target, inputs)
 
+    def after_backward(self) -> None:
+        self.head.after_backward()
+
 
 def per_block_stages(
     partition: Partition, make_head: Callable[[int], LocalHead], method: str = "this method"
@@ -91,12 +94,14 @@ def per_block_stages(
 
 
 def module_stages(
-    partition: Partition, ends: Sequence[int], make_head: Callable[[int, int], LocalHead], method: str = "this method"
+    partition: Partition, ends: Sequence[int], make_head: Callable[[int, int], LocalHead], method: str = "this method",
+    channels_first: bool = True,
 ) -> list[LocalStage]:
     """One stage per local module (``ends``: each module's last block), a head on every module but the last.
 
     ``make_head(index, k)`` builds module ``k``'s head on the output of its last block ``index``; the last
-    module and the network's top form the final stage.
+    module and the network's top form the final stage. ``channels_first``: heads on channels-last maps see
+    them permuted (:class:`ChannelsFirst`); False for heads that feed the map to copies of later blocks.
     """
     n = len(partition)
     if n < 2:
@@ -109,7 +114,7 @@ def module_stages(
     for k, index in enumerate(ends[:-1]):
         head = make_head(index, k)
         init_like_primary(head)
-        if partition.specs[index].layout == "NHWC":
+        if channels_first and partition.specs[index].layout == "NHWC":
             head = ChannelsFirst(head)
         stages.append(LocalStage(list(range(start, index + 1)), head))
         start = index + 1

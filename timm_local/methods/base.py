@@ -33,6 +33,11 @@ class LocalHead(nn.Module):
         logits = self(features)
         return F.cross_entropy(logits, target), logits
 
+    def after_backward(self) -> None:
+        """Called by every engine right after this head's loss was back-propagated, before the optimizer
+        step: the place for state that follows the network's weights without a gradient (MAN's
+        momentum copies). Nothing by default."""
+
 
 @dataclass
 class LocalStage:

@@ -1,0 +1,112 @@
+"""MAN (methods/man.py) against its official CIFAR code (JunhaoSu0/MAN, networks/resnetInfoPro_MAN.py)."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import timm_local
+from timm_local.cost import count_macs
+from timm_local.engine.ownership import refuse_cross_segment_reads
+
+# Official parameter counts of one MAN head (LB + EMA copies of the next block, Decoder and the '1c2f'
+# cross-entropy AuxClassifier of InfoPro's auxiliary_nets.py at the next block's width, 10 classes),
+# computed from the official modules:
+#   BasicBlock 16->16: 2 * 16*16*9 + 2 * 2*16 = 4,672;  32->32: 2 * 9,216 + 128 = 18,560;
+#   64->64: 2 * 36,864 + 256 = 73,984;  16->32 (stride 2, 1x1 downsample): 4,608 + 9,216 + 512 + 3 * 64 = 14,528
+#   Decoder(C): C*12*9 + 12 + 24 (BN) + 12*3*9 + 3  ->  16: 2,091;  32: 3,819;  64: 7,275
+#   AuxClassifier(C) 1c2f: conv C->C' (3x3) + BN(C') + Linear C'->128 + Linear 128->10
+#       16 (C'=32): 4,608 + 64 + 4,224 + 1,290 = 10,186;  32 (C'=64): 18,432 + 128 + 8,320 + 1,290 = 28,170;
+#       64 (C'=64): 36,864 + 128 + 8,320 + 1,290 = 46,602
+LAYER1, LAYER2, LAYER3 = 2 * 4672 + 2091 + 10186, 2 * 18560 + 3819 + 28170, 2 * 73984 + 7275 + 46602
+LAYER2_FIRST = 2 * 14528 + 3819 + 28170  # the next block is layer2.0 (a downsampling block)
+
+
+@pytest.mark.parametrize("model, k, expected", [
+    ("resnet32_cifar", 4, [LAYER1, LAYER2, LAYER3]),          # ends layer1.2, layer2.1, layer3.0
+    ("resnet32_cifar", 8, [LAYER1, LAYER1, LAYER2_FIRST, LAYER2, LAYER2, LAYER3, LAYER3]),
+    ("resnet110_cifar", 4, [LAYER1, LAYER2, LAYER3]),         # ends layer1.11, layer2.7, layer3.3
+])
+def test_head_parameters_equal_the_official_heads(model: str, k: int, expected: list[int]) -> None:
+    lm = timm_local.create_local_model(model, "man", method_kwargs=dict(local_modules=k))
+    assert [sum(p.numel() for p in h.parameters()) for h in lm.heads] == expected
+    assert all(not p.requires_grad for h in lm.heads for p in h.ema.parameters())
+    assert [sum(p.numel() for p in h.ema.parameters()) for h in lm.heads][:1] == [4672]
+
+
+def test_head_macs_equal_the_official_head() -> None:
+    """Head 0 of ResNet-32 at K = 4 (on layer1.2's 16×32×32 output), one 32×32 image: LB and EMA
+    2 × 2 × 16·16·9·1024 = 9,437,184; decoder 16·12·9·1024 + 12·3·9·1024 = 2,101,248;
+    classifier 16·32·9·256 + 32·128 + 128·10 = 1,185,024."""
+    lm = timm_local.create_local_model("resnet32_cifar", "man", method_kwargs=dict(local_modules=4)).eval()
+    head = lm.heads[0]
+    h, x = torch.randn(1, 16, 32, 32), torch.randn(1, 3, 32, 32)
+    assert count_macs(lambda: head(h), head) == 9_437_184 + 1_185_024
+    assert count_macs(lambda: head.local_loss(h, torch.tensor([1]), x), head) == 9_437_184 + 2_101_248 + 1_185_024
+
+
+def _model(seed: int = 0, **kwargs) -> timm_local.LocalModel:
+    torch.manual_seed(seed)
+    return timm_local.create_local_model("resnet20_cifar", "man", pretrained_cfg_overlay=dict(input_size=(3, 16, 16)),
+                                         method_kwargs=dict(local_modules=3, momentum=0.9, **kwargs))
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
+
+
+def test_ema_copies_follow_the_momentum_formula_after_the_backward() -> None:
+    model = _model()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for step in range(2):
+        before = [[p.clone() for p in h.ema.parameters()] for h in model.heads]
+        primary = [[p.clone() for p in h.primary[0].parameters()] for h in model.heads]
+        opt.zero_grad(set_to_none=True)
+        model.local_step(*_batch(step))
+        for head, ema0, w0 in zip(model.heads, before, primary):
+            for p, e, w in zip(head.ema.parameters(), ema0, w0):
+                assert p.grad is None
+                assert torch.equal(p, e * 0.9 + w * (1 - 0.9))  # the weights before this step's update
+        opt.step()
+    assert not torch.equal(model.heads[0].ema.conv1.weight, before[0][0])
+
+
+def test_resume_from_saved_state_is_bitwise() -> None:
+    """Everything MAN trains or follows lives in the state dict: a saved and reloaded run continues exactly."""
+    def sgd(model):
+        return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+
+    straight = _model()
+    opt = sgd(straight)
+    for step in range(3):
+        opt.zero_grad(set_to_none=True)
+        straight.local_step(*_batch(step))
+        opt.step()
+    first = _model()
+    opt = sgd(first)
+    opt.zero_grad(set_to_none=True)
+    first.local_step(*_batch(0))
+    opt.step()
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed = _model(seed=1)
+    resumed.load_state_dict(saved["model"])
+    opt = sgd(resumed)
+    opt.load_state_dict(saved["opt"])
+    for step in (1, 2):
+        opt.zero_grad(set_to_none=True)
+        resumed.local_step(*_batch(step))
+        opt.step()
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_pipeline_refuses_a_cut_between_a_head_and_the_block_it_follows() -> None:
+    model = _model()
+    refuse_cross_segment_reads(model, [range(0, 3)])
+    with pytest.raises(ValueError, match="follows the weights of block 'layer2.0'.*share a segment"):
+        refuse_cross_segment_reads(model, [range(0, 1), range(1, 3)])
