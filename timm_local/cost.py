@@ -61,6 +61,16 @@ def _stage_inputs(model: LocalModel, x: torch.Tensor) -> list[torch.Tensor]:
     return outputs
 
 
+def _cascade_path(model: LocalModel, j: int, features: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> Any:
+    """The second path of cascade stage ``j`` (engine/stage.py): stage j-1's blocks run again from their
+    input, then stage j's, then its cascade loss (or the network's top)."""
+    h = features[j - 2] if j >= 2 else x
+    for index in model.stages[j - 1].blocks + model.stages[j].blocks:
+        h = model.partition.blocks[index](h)
+    stage = model.stages[j]
+    return model.partition.top(h) if stage.head is None else stage.head.cascade_loss(h, y, x)
+
+
 @contextlib.contextmanager
 def _parameters_frozen(module: torch.nn.Module) -> Iterator[None]:
     """Parameters stop requiring grad while MACs are counted (and are restored after).
@@ -94,6 +104,8 @@ def macs_per_sample(model: LocalModel, input_size: tuple[int, int, int], batch_s
         heads = [(s.head, h) for s, h in zip(model.stages, features) if s.head is not None]
         classifiers = sum(count_macs(lambda: head(h), model) for head, h in heads)
         train_extra = sum(count_macs(lambda: head.local_loss(h, y, x), model) for head, h in heads)
+        train_extra += sum(count_macs(lambda: _cascade_path(model, j, features, x, y), model)
+                           for j, stage in enumerate(model.stages) if stage.cascade is not None)
     finally:
         model.train(was_training)
     return {

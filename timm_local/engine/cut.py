@@ -71,14 +71,15 @@ def local_stage_costs(
     device = x.device
     costs: list[float] = []
     h = x
+    previous = None  # what a cascade stage runs again (engine/stage.py)
     if measure == "macs":
         probe.eval()  # MAC counts do not depend on the BatchNorm mode
         with torch.no_grad():
             for stage in probe.stages:
                 out: list[torch.Tensor] = []
-                macs = count_macs(lambda: out.append(run_stage(probe.partition, stage, h, y, x)[0]), probe)
+                macs = count_macs(lambda: out.append(run_stage(probe.partition, stage, h, y, x, previous)[0]), probe)
                 costs.append(macs / batch_size)
-                h = out[0]
+                previous, h = (stage, h), out[0]
         return costs
     probe.train()
     for stage in probe.stages:
@@ -88,13 +89,14 @@ def local_stage_costs(
             probe.zero_grad(set_to_none=True)
             _sync(device)
             start = time.perf_counter()
-            out, loss, _ = run_stage(probe.partition, stage, h_in, y, x)
-            loss.backward()
+            out, loss, _ = run_stage(probe.partition, stage, h_in, y, x, previous)
+            if stage.has_loss:
+                loss.backward()
             _sync(device)
             if i:
                 times.append(time.perf_counter() - start)
         costs.append(min(times))  # the least disturbed run: other processes only ever add time
-        h = out.detach()
+        previous, h = (stage, h_in), out.detach()
     return costs
 
 

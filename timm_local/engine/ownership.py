@@ -65,12 +65,20 @@ def needs_inputs(head: LocalHead | None) -> bool:
 
 
 def refuse_cross_segment_reads(model: LocalModel, segments: Sequence[range]) -> None:
-    """Refuse a cut that puts a head apart from a primary block it reads the weights of.
+    """Refuse a cut that puts a head apart from a primary block it reads the weights of, and cascade
+    stages (whose loss trains the previous stage's blocks too, after that stage's gradients were handed
+    to the replica average).
 
     A head's ``reads_blocks`` (MAN's momentum copies follow the next module's first block) are read on
     the rank that runs the head; a block another segment trains is only current there after a
     consolidation, so such a cut would silently follow stale weights.
     """
+    cascades = [j for j, stage in enumerate(model.stages) if stage.cascade is not None]
+    if cascades:
+        raise ValueError(
+            f"{model.method_name}'s local stage {cascades[0]} reaches back into stage {cascades[0] - 1} (its cascade "
+            "loss trains both), which the pipeline's per-stage ownership and gradient averaging cannot express; "
+            "train this method with the sequential engine (--engine sequential)")
     segment_of = {j: s for s, stages in enumerate(segments) for j in stages}
     block_stage = {b: j for j, stage in enumerate(model.stages) for b in stage.blocks}
     for j, stage in enumerate(model.stages):

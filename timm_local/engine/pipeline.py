@@ -268,15 +268,19 @@ class PipelineTrainer:
         head_logits: dict[int, torch.Tensor | None] = {}
         logits = None
         reductions: list[GradientAverage] = []
+        previous = None  # (stage, its detached input): what a cascade stage runs again
         for j in self.local_stages:
             stage = stages[j]
-            h, loss, stage_logits = run_stage(partition, stage, h.detach(), y, inputs)
+            h_in = h.detach()
+            h, loss, stage_logits = run_stage(partition, stage, h_in, y, inputs, previous)
+            previous = (stage, h_in)
             if j == last_local and self._next is not None:
                 # Hand the batch on before this stage's backward: downstream starts at once.
                 start = time.perf_counter()
                 self._next.send([h, y, inputs if self._send_inputs else None])
                 self.wait_times["send"] += time.perf_counter() - start
-            backward(loss)
+            if stage.has_loss:
+                backward(loss)
             if stage.head is not None:
                 stage.head.after_backward()
             if self._replica_group is not None:

@@ -1,13 +1,17 @@
-"""MAN (methods/man.py) against its official CIFAR code (JunhaoSu0/MAN, networks/resnetInfoPro_MAN.py)."""
+"""MAN and HPFF (methods/man.py, methods/hpff.py) against their official CIFAR code (JunhaoSu0/MAN,
+networks/resnetInfoPro_MAN.py; Zeudfish/HPFF, network/resnetInfoPro_HPFF.py and network/auxiliary_net.py)."""
 from __future__ import annotations
 
 import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import timm_local
-from timm_local.cost import count_macs
+from timm_local.cost import count_macs, peak_step_memory
+from timm_local.engine import sequential_local_step
+from timm_local.methods.hpff import PatchDecoder
 from timm_local.engine.ownership import refuse_cross_segment_reads
 
 # Official parameter counts of one MAN head (LB + EMA copies of the next block, Decoder and the '1c2f'
@@ -46,10 +50,11 @@ def test_head_macs_equal_the_official_head() -> None:
     assert count_macs(lambda: head.local_loss(h, torch.tensor([1]), x), head) == 9_437_184 + 2_101_248 + 1_185_024
 
 
-def _model(seed: int = 0, **kwargs) -> timm_local.LocalModel:
+def _model(seed: int = 0, method: str = "man", **kwargs) -> timm_local.LocalModel:
     torch.manual_seed(seed)
-    return timm_local.create_local_model("resnet20_cifar", "man", pretrained_cfg_overlay=dict(input_size=(3, 16, 16)),
-                                         method_kwargs=dict(local_modules=3, momentum=0.9, **kwargs))
+    kwargs = dict(momentum=0.9, **kwargs) if method == "man" else kwargs
+    return timm_local.create_local_model("resnet20_cifar", method, pretrained_cfg_overlay=dict(input_size=(3, 16, 16)),
+                                         method_kwargs=dict(local_modules=4 if method == "hpff" else 3, **kwargs))
 
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,18 +78,20 @@ def test_ema_copies_follow_the_momentum_formula_after_the_backward() -> None:
     assert not torch.equal(model.heads[0].ema.conv1.weight, before[0][0])
 
 
-def test_resume_from_saved_state_is_bitwise() -> None:
-    """Everything MAN trains or follows lives in the state dict: a saved and reloaded run continues exactly."""
+@pytest.mark.parametrize("method", ["man", "hpff"])
+def test_resume_from_saved_state_is_bitwise(method: str) -> None:
+    """Everything the method trains or follows lives in the state dict: a saved and reloaded run continues
+    exactly."""
     def sgd(model):
         return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
 
-    straight = _model()
+    straight = _model(method=method)
     opt = sgd(straight)
     for step in range(3):
         opt.zero_grad(set_to_none=True)
         straight.local_step(*_batch(step))
         opt.step()
-    first = _model()
+    first = _model(method=method)
     opt = sgd(first)
     opt.zero_grad(set_to_none=True)
     first.local_step(*_batch(0))
@@ -93,7 +100,7 @@ def test_resume_from_saved_state_is_bitwise() -> None:
     torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer)
-    resumed = _model(seed=1)
+    resumed = _model(seed=1, method=method)
     resumed.load_state_dict(saved["model"])
     opt = sgd(resumed)
     opt.load_state_dict(saved["opt"])
@@ -110,3 +117,67 @@ def test_pipeline_refuses_a_cut_between_a_head_and_the_block_it_follows() -> Non
     refuse_cross_segment_reads(model, [range(0, 3)])
     with pytest.raises(ValueError, match="follows the weights of block 'layer2.0'.*share a segment"):
         refuse_cross_segment_reads(model, [range(0, 1), range(1, 3)])
+
+
+# HPFF's official head (auxiliary_net.py with InfoPro's published 1c2f cross-entropy classifier, 10 classes) on
+# a module ending at width C: net_classifier(C) + aux_classifier(C) + the patch Decoder(C) of four InfoPro
+# decoders: 2 * 10,186 + 4 * 2,091 (C = 16); 2 * 28,170 + 4 * 3,819 (32); 2 * 46,602 + 4 * 7,275 (64).
+HPFF16, HPFF32, HPFF64 = 2 * 10186 + 4 * 2091, 2 * 28170 + 4 * 3819, 2 * 46602 + 4 * 7275
+
+
+@pytest.mark.parametrize("model, k, expected", [
+    ("resnet32_cifar", 4, [HPFF32, HPFF64]),                   # modules 1, 2 end at layer2.1, layer3.0
+    ("resnet32_cifar", 8, [HPFF16, HPFF16, HPFF32, HPFF32, HPFF64, HPFF64]),
+    ("resnet110_cifar", 4, [HPFF32, HPFF64]),                  # layer2.7, layer3.3
+])
+def test_hpff_head_parameters_equal_the_official_heads(model: str, k: int, expected: list[int]) -> None:
+    lm = timm_local.create_local_model(model, "hpff", method_kwargs=dict(local_modules=k))
+    assert [sum(p.numel() for p in h.parameters()) for h in lm.heads] == expected
+    assert [s.has_loss for s in lm.stages] == [False] + [True] * (k - 1)
+    assert [s.cascade for s in lm.stages] == [None] + [(0.001, 0.999)] * (k - 1)
+
+
+def test_hpff_cascade_reaches_exactly_one_module_back() -> None:
+    model = _model(method="hpff").train()
+    owner = {}
+    for j, stage in enumerate(model.stages):
+        for index in stage.blocks:
+            owner.update({id(p): j for p in model.partition.blocks[index].parameters()})
+        module = stage.head if stage.head is not None else model.backbone.get_classifier()
+        owner.update({id(p): j for p in module.parameters()})
+    reached = []
+
+    def backward(loss: torch.Tensor) -> None:
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        reached.append({owner[id(p)] for p in model.parameters() if p.grad is not None and p.grad.abs().sum() > 0})
+
+    out = sequential_local_step(model.partition, model.stages, *_batch(0), backward)
+    assert reached == [{0, 1}, {1, 2}, {2, 3}]  # stage 0 has no loss: trained only by stage 1's cascade
+    assert float(out.losses[0]) == 0.0 and all(float(v) > 0 for v in out.losses[1:])
+
+
+def test_patch_decoder_reconstructs_each_quadrant_with_its_own_decoder() -> None:
+    torch.manual_seed(0)
+    decoder = PatchDecoder(8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    features, image = torch.randn(2, 8, 4, 4), torch.randn(2, 3, 16, 16)
+    expected = 0.0
+    for i, (rows, cols) in enumerate([(slice(0, 2), slice(0, 2)), (slice(0, 2), slice(2, 4)),
+                                      (slice(2, 4), slice(0, 2)), (slice(2, 4), slice(2, 4))]):
+        quad = features[:, :, rows, cols]
+        image_quad = image[:, :, rows.start * 4:rows.stop * 4, cols.start * 4:cols.stop * 4]
+        up = F.interpolate(quad, size=(8, 8), mode="bilinear", align_corners=True)
+        target = (image_quad * 0.25 + 0.5).clamp(0, 1)
+        expected = expected + F.binary_cross_entropy_with_logits(decoder.decoders[i].decoder(up), target)
+    assert torch.allclose(decoder.loss(features, image), expected)
+
+
+def test_hpff_cascade_costs_memory_and_macs_beyond_infopro() -> None:
+    """The cascade keeps two modules' graphs alive and runs each middle module three times."""
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    costs = {}
+    for method in ("infopro", "hpff"):
+        torch.manual_seed(0)
+        model = timm_local.create_local_model("resnet32_cifar", method, method_kwargs=dict(local_modules=4))
+        costs[method] = peak_step_memory(model, x, y)["peak_memory_bytes"]
+    assert costs["hpff"] > costs["infopro"]
