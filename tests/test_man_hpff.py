@@ -181,3 +181,22 @@ def test_hpff_cascade_costs_memory_and_macs_beyond_infopro() -> None:
         model = timm_local.create_local_model("resnet32_cifar", method, method_kwargs=dict(local_modules=4))
         costs[method] = peak_step_memory(model, x, y)["peak_memory_bytes"]
     assert costs["hpff"] > costs["infopro"]
+
+
+def test_man_pp_mixes_its_copies_with_a_learnable_scalar_and_adds_a_stem_head() -> None:
+    """MAN++ (resnetInfoPro_MANPP.py): each head is MAN's plus one scalar s (init 1); the stem is its own module
+    whose head copies layer1[0] (LB_first, EMA_first, Decoder(16), AuxClassifier(16))."""
+    lm = timm_local.create_local_model("resnet32_cifar", "man_pp", method_kwargs=dict(local_modules=4))
+    assert [s.blocks[-1] for s in lm.stages] == [0, 3, 7, 11, 15]
+    assert [sum(p.numel() for p in h.parameters()) for h in lm.heads] == [LAYER1 + 1, LAYER1 + 1, LAYER2 + 1,
+                                                                          LAYER3 + 1]
+    head = lm.heads[1].eval()
+    with torch.no_grad():
+        head.s.fill_(0.7)
+    h = torch.randn(2, 16, 32, 32)
+    assert torch.equal(head.aux_input(h), 0.7 * head.lb(h) + (2 - 0.7) * head.ema(h))
+    lm.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    lm.local_step(x, y)
+    assert all(h.s.grad is not None and h.s.grad.abs() > 0 for h in lm.heads)
+    assert all(p.grad is None for h in lm.heads for p in h.ema.parameters())

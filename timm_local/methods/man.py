@@ -154,3 +154,29 @@ class MAN(LocalModules, ReconstructionWeights, LocalMethod):
                                partition.blocks[j], j, channels_last=spec.layout == "NHWC")
 
     head_class = MomentumBlockHead
+
+
+class ScaledMomentumHead(MomentumBlockHead):
+    """MAN++'s head: ``s·LB(h) + (2 − s)·EMA(h)`` with a learnable scalar s (initialised to 1, where it is
+    MAN's sum)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.s = nn.Parameter(torch.tensor(1.0))
+
+    def aux_input(self, features: torch.Tensor) -> torch.Tensor:
+        y = self.s * self.lb(features) + (2 - self.s) * self.ema(features)
+        return y.permute(0, 3, 1, 2) if self.channels_last else y
+
+
+@register_method("man_pp")
+class MANPlusPlus(MAN):
+    """MAN++ (JunhaoSu0/MAN_PlusPlus, ``Exp_on_CIFAR-SVHN-STL/networks/resnetInfoPro_MANPP.py``): MAN with a
+    learnable mix s per head, and a stem-level head: the stem is its own local module (whose head copies the
+    first block after it) whatever the split, as the official CNN code does."""
+
+    head_class = ScaledMomentumHead
+
+    def module_ends(self, partition: Partition) -> list[int]:
+        ends = super().module_ends(partition)
+        return ends if ends[0] == 0 else [0, *ends]
