@@ -6,7 +6,8 @@ import torch
 
 import timm_local
 from timm_local.balance import min_max_split
-from timm_local.engine import local_stage_costs, sequential_local_step
+from gradient_reach import stages_reached
+from timm_local.engine import local_stage_costs
 from timm_local.methods.auglocal import module_plans
 from timm_local.methods.modules import block_macs, resolve_module_ends
 
@@ -102,21 +103,7 @@ def test_no_gradient_crosses_a_module_boundary(method: str) -> None:
     if method.startswith("auglocal"):
         kwargs["aux_depth"] = 2
     model = _model(method, **kwargs).train()
-    owner = {}
-    for j, stage in enumerate(model.stages):
-        for index in stage.blocks:
-            owner.update({id(p): j for p in model.partition.blocks[index].parameters()})
-        module = stage.head if stage.head is not None else model.backbone.get_classifier()
-        owner.update({id(p): j for p in module.parameters()})
-    reached: list[set[int]] = []
-
-    def backward(loss: torch.Tensor) -> None:
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        reached.append({owner[id(p)] for p in model.parameters() if p.grad is not None and p.grad.abs().sum() > 0})
-
-    sequential_local_step(model.partition, model.stages, torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]),
-                          backward)
+    reached = stages_reached(model, torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
     assert reached == [{j} for j in range(len(model.stages))]
     assert len(model.stages) == 3 and any(len(s.blocks) > 1 for s in model.stages)
 
@@ -152,3 +139,29 @@ def test_command_line_flags_reach_the_method() -> None:
     assert method_kwargs(cfg) == {"local_module_ends": [3, 7]}
     with pytest.raises(ConfigError, match="--local-modules must be an integer >= 2"):
         validate_config(parse_config(["--local-modules", "1"]))
+
+
+MAP_ONLY = {"dgl", "predsim", "infopro", "auglocal_infopro", "man", "man_pp", "hpff"}
+
+
+@pytest.mark.parametrize("name, size", [("convnext_atto", 64), ("test_vit", 32)])
+@pytest.mark.parametrize("method", sorted(set(timm_local.list_methods()) - {"bp", "checkpoint"}))
+def test_every_method_at_four_modules_runs_a_step_on_convnext_and_vit(method: str, name: str, size: int) -> None:
+    """K = 4 on a generic ConvNeXt and a ViT: a step with finite losses, one per module (HPFF's first module
+    has none); on tokens the feature-map methods refuse with the methods that do work."""
+    import timm
+
+    torch.manual_seed(0)
+    backbone = timm.create_model(name, num_classes=10)
+    build = lambda: timm_local.create_local_model(backbone, method, input_size=(3, size, size),  # noqa: E731
+                                                  method_kwargs=dict(local_modules=4))
+    if name == "test_vit" and method in MAP_ONLY:
+        with pytest.raises(ValueError, match="feature maps"):
+            build()
+        return
+    model = build()
+    modules = 5 if method == "man_pp" else 4  # MAN++ adds its stem-level module
+    assert len(model.stages) == modules
+    out = model.local_step(torch.randn(2, 3, size, size), torch.tensor([1, 2]))
+    assert len(out.losses) == modules and all(torch.isfinite(v) for v in out.losses)
+    assert all(float(v) > 0 for v in out.losses[1 if method == "hpff" else 0:])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import timm_local
 from timm_local.cost import count_macs, peak_step_memory
-from timm_local.engine import sequential_local_step
+from gradient_reach import stages_reached
 from timm_local.methods.hpff import PatchDecoder
 from timm_local.engine.ownership import refuse_cross_segment_reads
 
@@ -139,21 +139,9 @@ def test_hpff_head_parameters_equal_the_official_heads(model: str, k: int, expec
 
 def test_hpff_cascade_reaches_exactly_one_module_back() -> None:
     model = _model(method="hpff").train()
-    owner = {}
-    for j, stage in enumerate(model.stages):
-        for index in stage.blocks:
-            owner.update({id(p): j for p in model.partition.blocks[index].parameters()})
-        module = stage.head if stage.head is not None else model.backbone.get_classifier()
-        owner.update({id(p): j for p in module.parameters()})
-    reached = []
-
-    def backward(loss: torch.Tensor) -> None:
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        reached.append({owner[id(p)] for p in model.parameters() if p.grad is not None and p.grad.abs().sum() > 0})
-
-    out = sequential_local_step(model.partition, model.stages, *_batch(0), backward)
+    reached = stages_reached(model, *_batch(0))
     assert reached == [{0, 1}, {1, 2}, {2, 3}]  # stage 0 has no loss: trained only by stage 1's cascade
+    out = model.local_step(*_batch(1))
     assert float(out.losses[0]) == 0.0 and all(float(v) > 0 for v in out.losses[1:])
 
 
@@ -200,3 +188,8 @@ def test_man_pp_mixes_its_copies_with_a_learnable_scalar_and_adds_a_stem_head() 
     lm.local_step(x, y)
     assert all(h.s.grad is not None and h.s.grad.abs() > 0 for h in lm.heads)
     assert all(p.grad is None for h in lm.heads for p in h.ema.parameters())
+
+
+def test_pipeline_refuses_cascade_stages() -> None:
+    with pytest.raises(ValueError, match="hpff's local stage 1 reaches back into stage 0.*--engine sequential"):
+        refuse_cross_segment_reads(_model(method="hpff"), [range(0, 4)])

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..partition import Partition, init_like_primary
 from ._shared import InfoProDecoder, require_feature_maps
 from .base import LocalHead, LocalMethod, LocalStage, register_method
-from .infopro import InfoProClassifier, ReconstructionWeights, infopro_conv
+from .infopro import InfoProClassifier, ReconstructionWeights, classifier_width, infopro_conv
 from .modules import LocalModules
 
 
@@ -100,11 +100,9 @@ class HPFF(LocalModules, ReconstructionWeights, LocalMethod):
     ) -> None:
         if float(w_own) < 0 or float(w_cascade) < 0:
             raise ValueError(f"w_own and w_cascade must be >= 0, got {w_own!r}, {w_cascade!r}")
-        if int(hidden) < 1:
-            raise ValueError(f"hidden (classifier width) must be a positive integer, got {hidden!r}")
         self._init_weights(weights, lambda_x, lambda_y, mean, std)
         self._init_modules(local_modules, local_module_ends)
-        self.w_own, self.w_cascade, self.hidden = float(w_own), float(w_cascade), int(hidden)
+        self.w_own, self.w_cascade, self.hidden = float(w_own), float(w_cascade), classifier_width(hidden)
 
     def config(self) -> dict[str, Any]:
         return {"w_own": self.w_own, "w_cascade": self.w_cascade, **self._weights_config(), "hidden": self.hidden,

@@ -123,6 +123,13 @@ class ReconstructionWeights:
         return self.resolved[1], mean, std
 
 
+def classifier_width(hidden: int) -> int:
+    """The hidden width of InfoPro's classifier, checked (shared by the methods built on InfoPro's heads)."""
+    if int(hidden) < 1:
+        raise ValueError(f"hidden (classifier width) must be a positive integer, got {hidden!r}")
+    return int(hidden)
+
+
 def infopro_conv(partition: Partition, index: int) -> tuple[int, int]:
     """(out channels, stride) of InfoPro's classifier conv on block ``index``.
 
@@ -159,9 +166,7 @@ class InfoPro(LocalModules, ReconstructionWeights, LocalMethod):
     ) -> None:
         self._init_weights(weights, lambda_x, lambda_y, mean, std)
         self._init_modules(local_modules, local_module_ends)
-        if int(hidden) < 1:
-            raise ValueError(f"hidden (classifier width) must be a positive integer, got {hidden!r}")
-        self.hidden = int(hidden)
+        self.hidden = classifier_width(hidden)
 
     def config(self) -> dict[str, Any]:
         return {**self._weights_config(), "hidden": self.hidden, **self._modules_config()}

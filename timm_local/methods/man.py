@@ -27,7 +27,7 @@ from ..partition import Partition
 from ._shared import InfoProDecoder, module_stages
 from .auglocal import downsampling_strides
 from .base import LocalHead, LocalMethod, LocalStage, register_method
-from .infopro import InfoProClassifier, ReconstructionWeights, infopro_conv
+from .infopro import InfoProClassifier, ReconstructionWeights, classifier_width, infopro_conv
 from .modules import LocalModules
 
 
@@ -119,12 +119,10 @@ class MAN(LocalModules, ReconstructionWeights, LocalMethod):
     ) -> None:
         if not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(f"momentum (MAN's EMA coefficient) must be in [0, 1], got {momentum!r}")
-        if int(hidden) < 1:
-            raise ValueError(f"hidden (classifier width) must be a positive integer, got {hidden!r}")
         self._init_weights(weights, lambda_x, lambda_y, mean, std)
         self._init_modules(local_modules, local_module_ends)
         self.momentum = float(momentum)
-        self.hidden = int(hidden)
+        self.hidden = classifier_width(hidden)
 
     def config(self) -> dict[str, Any]:
         return {"momentum": self.momentum, **self._weights_config(), "hidden": self.hidden, **self._modules_config()}
