@@ -76,6 +76,12 @@ def test_ema_copies_follow_the_momentum_formula_after_the_backward() -> None:
                 assert torch.equal(p, e * 0.9 + w * (1 - 0.9))  # the weights before this step's update
         opt.step()
     assert not torch.equal(model.heads[0].ema.conv1.weight, before[0][0])
+    # an evaluation pass (eval mode, no gradient: what training/evaluate.py runs) leaves the copies where they are
+    frozen = [p.clone() for p in model.heads.parameters()]
+    model.eval()
+    with torch.no_grad():
+        model.local_step(*_batch(5), backward=lambda loss: None)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model.heads.parameters()))
 
 
 @pytest.mark.parametrize("method", ["man", "hpff"])
@@ -193,3 +199,19 @@ def test_man_pp_mixes_its_copies_with_a_learnable_scalar_and_adds_a_stem_head() 
 def test_pipeline_refuses_cascade_stages() -> None:
     with pytest.raises(ValueError, match="hpff's local stage 1 reaches back into stage 0.*--engine sequential"):
         refuse_cross_segment_reads(_model(method="hpff"), [range(0, 4)])
+
+
+@pytest.mark.parametrize("method", ["man", "hpff"])
+def test_a_training_run_resumed_from_its_checkpoint_ends_bitwise_as_the_uninterrupted_one(method: str, tmp_path) -> None:
+    """tools/train.py end to end: the checkpoint carries the momentum copies / cascade heads, and the run that
+    stopped after 2 steps and resumed ends with the uninterrupted run's tensors."""
+    from run_helpers import different_tensors, model_state, train
+    from timm_local.training import latest_checkpoint
+
+    flags = ("--model", "resnet20_cifar", "--method", method, "--local-modules", 4 if method == "hpff" else 3)
+    assert train(*flags, "--max-steps", 4, "--output-dir", tmp_path / "straight") == 0
+    assert train(*flags, "--max-steps", 2, "--output-dir", tmp_path / "stopped") == 0
+    assert train(*flags, "--max-steps", 4, "--output-dir", tmp_path / "stopped", "--resume", "auto") == 0
+    straight, resumed = (model_state(latest_checkpoint(tmp_path / name)) for name in ("straight", "stopped"))
+    assert any(".ema." in k for k in straight) if method == "man" else any("cascade_classifier" in k for k in straight)
+    assert not different_tensors(straight, resumed)

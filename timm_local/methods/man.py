@@ -89,6 +89,8 @@ class MomentumBlockHead(LocalHead):
 
     @torch.no_grad()
     def after_backward(self) -> None:
+        if not self.training:  # an evaluation pass runs the local step too; the copies move in training only
+            return
         m = self.momentum
         for ema, weight in parameter_pairs(self.ema, self.primary[0]):
             ema.copy_(ema * m + weight * (1 - m))  # the official expression, rounding included
