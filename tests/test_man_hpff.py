@@ -215,3 +215,10 @@ def test_a_training_run_resumed_from_its_checkpoint_ends_bitwise_as_the_uninterr
     straight, resumed = (model_state(latest_checkpoint(tmp_path / name)) for name in ("straight", "stopped"))
     assert any(".ema." in k for k in straight) if method == "man" else any("cascade_classifier" in k for k in straight)
     assert not different_tensors(straight, resumed)
+
+
+def test_quadrants_of_a_one_pixel_side_take_the_whole_side() -> None:
+    from timm_local.methods.hpff import quadrants
+
+    t = torch.arange(6.0).view(1, 1, 1, 6)
+    assert [q.flatten().tolist() for q in quadrants(t)] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]] * 2

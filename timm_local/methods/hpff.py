@@ -30,10 +30,16 @@ from .infopro import InfoProClassifier, ReconstructionWeights, classifier_width,
 from .modules import LocalModules
 
 
+def _halves(n: int) -> tuple[slice, slice]:
+    # a map of size 1 has no halves: both quadrants along that side see the whole of it
+    return (slice(0, n // 2), slice(n // 2, n)) if n >= 2 else (slice(0, n), slice(0, n))
+
+
 def quadrants(t: torch.Tensor) -> list[torch.Tensor]:
-    """The 2×2 spatial quadrants of an NCHW tensor (top-left, top-right, bottom-left, bottom-right)."""
-    h, w = t.shape[-2] // 2, t.shape[-1] // 2
-    return [t[..., :h, :w], t[..., :h, w:], t[..., h:, :w], t[..., h:, w:]]
+    """The 2×2 spatial quadrants of an NCHW tensor (top-left, top-right, bottom-left, bottom-right), split at
+    ⌊size/2⌋ as the official decoder does; along a side of size 1 both quadrants take all of it."""
+    rows, cols = _halves(t.shape[-2]), _halves(t.shape[-1])
+    return [t[..., r, c] for r in rows for c in cols]
 
 
 class PatchDecoder(nn.Module):
