@@ -222,3 +222,18 @@ def test_quadrants_of_a_one_pixel_side_take_the_whole_side() -> None:
 
     t = torch.arange(6.0).view(1, 1, 1, 6)
     assert [q.flatten().tolist() for q in quadrants(t)] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]] * 2
+
+
+def test_an_undone_step_puts_the_momentum_copies_back() -> None:
+    """training/finite.py undoes a non-finite step; MAN's copies move without the optimizer, so they are undone
+    with the BatchNorm statistics."""
+    from timm_local.training.finite import FiniteGuard
+
+    model = _model()
+    guard = FiniteGuard(model)
+    before = [p.clone() for p in model.heads[0].ema.parameters()]
+    guard.before_step()
+    model.local_step(*_batch(0))
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.heads[0].ema.parameters()))
+    guard.undo_step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.heads[0].ema.parameters()))
