@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..balance import min_max_split
-from ..cost import count_macs
+from ..macs import count_macs
 from .stage import run_stage
 from .topology import PipelineTopology
 

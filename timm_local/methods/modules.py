@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from ..balance import min_max_split
-from ..cost import count_macs
+from ..macs import count_macs
 from ..partition import Partition
 
 #: Official splits: for each architecture, its number of blocks (stem included) and, per K, the
