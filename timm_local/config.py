@@ -43,6 +43,10 @@ FIXED_ON_RESUME = ("batch_size", "dataset", "image_size", "seed", "opt", "moment
                    "filter_bias_and_bn", "model_kwargs")
 
 
+#: Extra spellings of a flag: timm's train.py names (a timm user's habit) for the same key.
+FLAG_ALIASES = {"image_size": ["--img-size"]}
+
+
 class ConfigError(ValueError):
     """A configuration that cannot work, found before anything is written; the message names the flag."""
 
@@ -58,6 +62,11 @@ class TrainConfig:
         "help": "the paper's d: layers in each auxiliary net incl. the final linear (AugLocal); None = method default"})
     tau: Optional[float] = field(default=None, metadata={"help": "pyramidal depth coefficient (AugLocal); None = default"})
     method_kwargs: dict = field(default_factory=dict, metadata={"help": "extra method hyper-parameters (YAML dict)"})
+    local_modules: Optional[int] = field(default=None, metadata={
+        "help": "K local modules of consecutive blocks (official split table where one exists, else balanced by "
+                "MACs); None = every block is a module"})
+    local_module_ends: Optional[list] = field(default=None, metadata={
+        "help": "explicit last block index of each local module (YAML list, e.g. '[3, 7, 11]')"})
     model_kwargs: dict = field(default_factory=dict, metadata={
         "help": "extra timm.create_model arguments, e.g. '{drop_rate: 0.1}' (YAML dict)"})
     num_classes: Optional[int] = field(default=None, metadata={"help": "classifier size; None = from the dataset"})
@@ -68,17 +77,26 @@ class TrainConfig:
 
     # --- data ---------------------------------------------------------------------------------
     dataset: Optional[str] = field(default=None, metadata={
-        "help": "built-in name (digits, cifar10, ...), a local folder, or hf-hub:OWNER/NAME; None = digits"})
+        "help": "built-in name (digits, cifar10, ...), a local folder, hf-hub:OWNER/NAME, or timm's hfds/NAME, "
+                "hfids/NAME, wds/ (with --data-dir); None = digits"})
     data_dir: Optional[str] = field(default=None, metadata={
         "help": "where a named dataset's files are (torchvision root, save_to_disk, parquet, class folders, "
                 "or hf-hub:ID)"})
-    image_size: Optional[int] = field(default=None, metadata={"help": "model input size; None = dataset's own"})
+    image_size: Optional[int] = field(default=None, metadata={
+        "help": "model input size (also --img-size); None = the dataset recipe's, else the timm model's "
+                "pretrained_cfg, else the image files'"})
     augment: bool = field(default=True, metadata={"help": "the paper's training augmentation for the dataset"})
     mean: Optional[list] = field(default=None, metadata={"help": "normalisation mean override (YAML list)"})
     std: Optional[list] = field(default=None, metadata={"help": "normalisation std override (YAML list)"})
     image_column: Optional[str] = field(default=None, metadata={"help": "HF datasets image column (auto)"})
     label_column: Optional[str] = field(default=None, metadata={"help": "HF datasets label column (auto)"})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes per training process"})
+    streaming: bool = field(default=False, metadata={
+        "help": "read an HF dataset (save_to_disk folder or hf-hub:ID) as a stream of shards split over processes "
+                "and workers; wds/ and hfids/ specs always stream (docs/training.md, ImageNet)"})
+    device_normalize: Optional[bool] = field(default=None, metadata={
+        "help": "workers hand over uint8 images, copied asynchronously and normalised on the device (same "
+                "values); None = on a GPU"})
 
     # --- optimisation (paper A.2: SGD Nesterov 0.9, wd 1e-4, cosine with linear warm-up) -------
     epochs: int = field(default=10, metadata={"help": "training epochs"})
@@ -196,6 +214,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("in_chans", _positive, "a positive integer"),
     ("aux_depth", lambda v: v >= 2, "an integer >= 2 (the paper's d counts the final linear layer)"),
     ("tau", lambda v: 0.0 <= v <= 1.0, "in [0, 1] (0 disables the pyramidal depth)"),
+    ("local_modules", lambda v: v >= 2, "an integer >= 2 (1 module is end-to-end training: --method bp)"),
     ("pipeline_segments", _positive, "a positive integer"),
     ("pipeline_cost", lambda v: v in ("time", "macs"), "time or macs"),
     ("engine", lambda v: v in ENGINES, " or ".join(ENGINES)),
@@ -363,6 +382,7 @@ def build_parser(description: Optional[str] = None) -> ArgumentParser:
         flags = [f"--{f.name.replace('_', '-')}"]
         if "_" in f.name:
             flags.append(f"--{f.name}")
+        flags += FLAG_ALIASES.get(f.name, [])
         help_ = f.metadata.get("help", "")
         if base is bool:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_)

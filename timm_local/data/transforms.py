@@ -24,11 +24,15 @@ def expand_stats(values: Sequence[float], in_chans: int) -> tuple[float, ...]:
 
 
 def build_transform(recipe: DatasetRecipe, image_size: int, in_chans: int, is_training: bool, augment: bool = True,
-                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> Callable:
+                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                    normalize: bool = True) -> Callable:
     """The paper's transform for ``recipe`` at ``image_size``, producing ``in_chans`` normalised channels.
 
     Grayscale images become 3 identical channels when the model wants 3 (PIL ``convert("RGB")``), which
-    is also why the dataset's 1-channel mean/std are replicated.
+    is also why the dataset's 1-channel mean/std are replicated. ``normalize=False`` stops at the uint8
+    tensor (timm's ``use_prefetcher`` output): a quarter of the bytes through worker queues and the host-to-GPU
+    copy, with the float conversion and normalisation done on the device
+    (:class:`~timm_local.data.device_loader.DeviceBatches`, the same arithmetic).
     """
     from torchvision import transforms as T
 
@@ -46,6 +50,7 @@ def build_transform(recipe: DatasetRecipe, image_size: int, in_chans: int, is_tr
             input_size=(in_chans, image_size, image_size), is_training=is_training and augment,
             color_jitter=None,  # the paper uses random-resized crop + flip only
             interpolation=recipe.interpolation, mean=mean, std=std, crop_pct=recipe.crop_pct,
+            use_prefetcher=not normalize,
         )
         return T.Compose([convert, tf])
 
@@ -60,7 +65,7 @@ def build_transform(recipe: DatasetRecipe, image_size: int, in_chans: int, is_tr
         steps.append(T.RandomCrop(image_size, padding=pad))
         if recipe.hflip:
             steps.append(T.RandomHorizontalFlip())
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    steps += [T.ToTensor(), T.Normalize(mean, std)] if normalize else [T.PILToTensor()]
     return T.Compose(steps)
 
 

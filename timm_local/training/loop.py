@@ -26,8 +26,9 @@ from ..config import CONFIG_NAME, SCHEDULE_KEYS, ConfigError, TrainConfig, valid
 from ..distributed import RollCall
 from ..export import to_jsonable
 from ..memory import peak_memory_across_processes, reset_peak_memory
-from .builders import (build_local_model, check_precision, eval_batch_size, freeze_batchnorm, make_accelerator,
-                       make_loader, prepare_optimization, restart_schedule, run_datasets)
+from .builders import (build_local_model, check_precision, device_batches, eval_batch_size, freeze_batchnorm,
+                       make_accelerator, make_loader, normalize_on_device, prepare_optimization, restart_schedule,
+                       run_datasets, tune_convolutions)
 from .checkpoint import CheckpointWriteError, any_process, checkpoint_step, latest_checkpoint, save_checkpoint, write_error
 from .console import epoch_line, memory_route_line, start_line
 from .evaluate import evaluate
@@ -98,8 +99,11 @@ def _fit(cfg: TrainConfig, runner: Runner, accelerator: Any, roll: RollCall, wat
     resume_from = resolve_resume(cfg, output_dir)
     set_seed(cfg.seed)
 
-    train_set, test_set, data = run_datasets(cfg)
-    test_loader = accelerator.prepare(make_loader(test_set, eval_batch_size(cfg, world), cfg))
+    on_device = normalize_on_device(cfg, accelerator.device)
+    tune_convolutions(accelerator.device)
+    train_set, test_set, data = run_datasets(cfg, normalize=not on_device)
+    test_loader = device_batches(accelerator.prepare(make_loader(test_set, eval_batch_size(cfg, world), cfg)), data,
+                                 accelerator.device, on_device)
     lm = build_local_model(cfg, data).to(accelerator.device)
     default_dataset = cfg.dataset is None
     cfg = resolve_choices(cfg, data, lm)  # config.yaml and checkpoints say the dataset, d and tau used
