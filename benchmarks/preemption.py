@@ -2,7 +2,7 @@
 """Preempt a real training run with SIGTERM at N random moments, resume it each time, compare with a straight run.
 
     python benchmarks/preemption.py                       # 20 signals, 4-8 min on 2 shared CPU cores
-    python benchmarks/preemption.py --signals 4 --epochs 1 --out /tmp/pre   # a quick look
+    python benchmarks/preemption.py --signals 4 --epochs 1 --out preemption-work   # a quick look
 
 The same run as benchmarks/fault_injection.py (resnet20_cifar + AugLocal with dropout 0.1 on digits 8x8, a
 checkpoint every 10 steps, the newest 2 kept, file operations slowed by ``--io-pause`` so that saves are
