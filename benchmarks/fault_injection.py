@@ -158,18 +158,18 @@ def _written(kill: dict[str, Any], prefix: str) -> bool:
 
 
 def final_state(out: Path) -> dict[str, Any]:
-    import torch
     from safetensors.torch import load_file
 
     from timm_local.memory import PEAK_MEMORY_KEYS
     from timm_local.training import latest_checkpoint, read_metrics
+    from timm_local.training.checkpoint import load_state
 
     measured = {"samples_per_s", "train_time_s", *PEAK_MEMORY_KEYS}  # measured, not computed
 
     ckpt = latest_checkpoint(out)
-    optimizer = torch.load(ckpt / "optimizer.bin", map_location="cpu", weights_only=True)
+    optimizer = load_state(ckpt, "optimizer")
     return {"checkpoint": ckpt.name,
-            "model": torch.load(ckpt / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=True),
+            "model": load_state(ckpt, "model"),
             "momentum": {i: s["momentum_buffer"] for i, s in optimizer["state"].items()},
             "export": load_file(str(out / "export" / "model.safetensors")),
             "metrics": [{k: v for k, v in r.items() if k not in measured}
@@ -220,32 +220,53 @@ def write_report(result: dict[str, Any], stem: Path) -> None:
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kills", type=int, default=24)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
+def parser(doc: str, what: str, count: int, epochs: int, report: str) -> argparse.ArgumentParser:
+    """The command line of an interruption benchmark: ``--{what}`` interruptions of a run of ``epochs``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(f"--{what}", type=int, default=count)
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--seed", type=int, default=0, help=f"seed of the {what} schedule")
     p.add_argument("--io-pause", type=float, default=0.03, help="seconds around renames and per deleted file")
     p.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one, removed)")
-    p.add_argument("--report", type=Path, default=RESULTS / "fault_injection", help="results stem (.md, .json)")
-    args = p.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-    import numpy as np
-    import torch
+    p.add_argument("--report", type=Path, default=RESULTS / report, help="results stem (.md, .json)")
+    return p
 
-    work = args.out or Path(__import__("tempfile").mkdtemp(prefix="fault-injection-"))
+
+def schedule(shares: dict[str, int], n: int, seed: int) -> tuple[list[str], random.Random]:
+    """``n`` phases in proportion to ``shares``, shuffled, and the random generator that goes on drawing."""
+    rng = random.Random(seed)
+    phases = [ph for ph, k in shares.items() for _ in range(round(k * n / sum(shares.values())))]
+    phases = (phases + ["train"] * n)[:n]
+    rng.shuffle(phases)
+    return phases, rng
+
+
+def reference_run(args: argparse.Namespace, prefix: str) -> tuple[Path, Path, Path, Path]:
+    """The work folder and the uninterrupted run in it: (work, reference, run folder to interrupt, log)."""
+    work = args.out or Path(__import__("tempfile").mkdtemp(prefix=prefix))
     work.mkdir(parents=True, exist_ok=True)
     reference, out, log = work / "reference", work / "run", work / "children.log"
+    if spawn(reference, args, resume=False, log=log).wait() != 0:
+        raise RuntimeError(f"the uninterrupted run failed; see {log}")
+    return work, reference, out, log
+
+
+def machine(load: tuple[float, float, float]) -> dict[str, Any]:
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "load": " ".join(f"{v:.2f}" for v in load), "torch": torch.__version__}
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parser(__doc__, "kills", 24, 3, "fault_injection").parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+
     load = os.getloadavg()
     t0 = time.time()
-    proc = spawn(reference, args, resume=False, log=log)
-    if proc.wait() != 0:
-        raise RuntimeError(f"the uninterrupted run failed; see {log}")
-    rng = random.Random(args.seed)
-    share = sum(PHASES.values())
-    phases = [ph for ph, n in PHASES.items() for _ in range(round(n * args.kills / share))]
-    phases = (phases + ["train"] * args.kills)[: args.kills]
-    rng.shuffle(phases)
+    work, reference, out, log = reference_run(args, "fault-injection-")
+    phases, rng = schedule(PHASES, args.kills, args.seed)
     kills = []
     for phase in phases:
         record = kill_once(out, phase, rng, args, log)
@@ -262,9 +283,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     lost = [k["steps_lost"] for k in kills] or [0]
     result = {
         "date": time.strftime("%Y-%m-%d"), "argv": list(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "load": " ".join(f"{v:.2f}" for v in load), "torch": torch.__version__},
-        "total_steps": resumed["metrics"][-1]["step"], "kills": len(kills),
+        "machine": machine(load), "total_steps": resumed["metrics"][-1]["step"], "kills": len(kills),
         "phases": {ph: sum(k["phase"] == ph for k in kills) for ph in PHASES},
         "killed_mid_save": sum(_written(k, ".tmp-") for k in kills),
         "killed_mid_rotation": sum(_written(k, ".old-") for k in kills),

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from script_loader import load_module
+from timm_local.training.checkpoint import load_model_state
 
 ROOT = Path(__file__).resolve().parents[1]
 train_tool = load_module("_train_tool", ROOT / "tools" / "train.py")
@@ -23,13 +24,20 @@ def train(*args: Any) -> int:
     return train_tool.main([*DIGITS, *map(str, args)])
 
 
+def trained(tmp_path_factory: Any, name: str, *args: Any) -> Path:
+    """A fresh run folder of ``train(*args)`` (which must succeed), for module-scoped fixtures."""
+    out = tmp_path_factory.mktemp(name) / "run"
+    assert train(*args, "--output-dir", out) == 0
+    return out
+
+
 def resume(out: Path, *args: Any) -> int:
     """``--resume auto`` of ``out`` with no other flag but ``args``: the run continues from its own config.yaml."""
     return train_tool.main(["--output-dir", str(out), "--resume", "auto", *map(str, args)])
 
 
 def model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return torch.load(checkpoint / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=True)
+    return load_model_state(checkpoint)
 
 
 def different_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:

@@ -160,6 +160,31 @@ def test_augmentation_is_a_function_of_seed_epoch_index(tmp_path):
     assert torch.equal(b[4][0], x1)
 
 
+def test_augmentation_touches_only_the_cpu_and_python_generators(tmp_path, monkeypatch):
+    """A sample's augmentation leaves every device generator alone (dropout and drop-path draw from the CUDA
+    one when training on a GPU with --workers 0) and gives the images ``torch.manual_seed`` gave them."""
+    fx.write_cifar10(tmp_path)
+    train, _, _ = tld.create_datasets("cifar10", str(tmp_path), seed=3)
+    seeded = []
+    for module, name in ((torch.cuda, "manual_seed_all"), (torch.cuda, "manual_seed"), (torch.mps, "manual_seed"),
+                         (torch.xpu, "manual_seed_all"), (torch.xpu, "manual_seed")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: (seeded.append(_name), _real(*a, **k)))
+    device_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    cpu_before = torch.default_generator.get_state()
+    got = [train[i][0] for i in range(6)]
+    assert seeded == [] and torch.equal(torch.default_generator.get_state(), cpu_before)
+    assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all() if device_states else [], device_states))
+    monkeypatch.undo()
+    expected = []
+    for i in range(6):  # what the augmentation gave under a global torch.manual_seed of the sample's seed
+        torch.manual_seed(train.sample_seed(i))
+        random.seed(train.sample_seed(i))
+        expected.append(train.transform(train.source[i][0]))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert not all(torch.equal(got[0], g) for g in got[1:])  # augmented: the samples differ
+
+
 def test_num_classes_checks(tmp_path):
     fx.write_imagefolder(tmp_path, classes=3)
     _, _, cfg = tld.create_datasets(str(tmp_path), num_classes=5, image_size=16)

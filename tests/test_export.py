@@ -13,6 +13,7 @@ from timm_local.config import config_from_dict
 from timm_local.export import (export_backbone, load_exported, pretrained_cfg_overlay, push_export_to_hub,
                                read_export_metadata)
 from timm_local.training import latest_checkpoint, train
+from timm_local.training.checkpoint import load_model_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,7 @@ def test_export_layout_and_metadata(run):
 
 def test_all_timm_loaders_give_the_trained_logits(run):
     export = run.export_dir
-    state = torch.load(latest_checkpoint(run.output_dir) / "custom_checkpoint_0.pkl", weights_only=True)
+    state = load_model_state(latest_checkpoint(run.output_dir))
     trained = timm.create_model("resnet20_cifar", num_classes=10)
     trained.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
     x = torch.randn(3, 3, 12, 12)

@@ -10,6 +10,7 @@ import torch
 from script_loader import load_module
 from timm_local.methods.auglocal import auglocal_plans
 from timm_local.training import latest_checkpoint, load_local_model, read_metrics
+from timm_local.training.checkpoint import load_model_state
 
 ROOT = Path(__file__).resolve().parents[1]
 fx = load_module("_fixtures", Path(__file__).with_name("test_data_fixtures.py"))
@@ -31,7 +32,7 @@ def auglocal_run(tmp_path_factory) -> Path:
 
 def test_load_local_model_restores_backbone_and_heads(auglocal_run):
     lm, run = load_local_model(auglocal_run)
-    saved = torch.load(latest_checkpoint(auglocal_run) / "custom_checkpoint_0.pkl", weights_only=True)
+    saved = load_model_state(latest_checkpoint(auglocal_run))
     state = lm.state_dict()
     assert set(state) == set(saved) and any(k.startswith("heads.") for k in state)
     assert all(torch.equal(state[k], saved[k]) for k in saved)

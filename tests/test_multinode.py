@@ -291,6 +291,29 @@ def test_node_killed_mid_run_then_both_relaunched_resume(data_args, two_node_dp,
 
 
 @pytest.mark.slow
+def test_sigterm_to_one_node_stops_both_at_one_step_then_both_resume(data_args, two_node_dp, tmp_path):
+    """SIGTERM to one node's training process only (what a cluster sends before preempting a machine): the
+    processes agree to stop at the same step, with a verified checkpoint and every process saying so; both
+    relaunched with --resume auto end with the uninterrupted two-node run's weights."""
+    out, port = tmp_path / "run", free_port()
+    logs = [tmp_path / f"node{n}.log" for n in range(2)]
+    nodes = [torchrun_node(port, logs[n], *data_args, *RECIPE, "--output-dir", str(out)) for n in range(2)]
+    wait_for_a_checkpoint(out, nodes)
+    for proc in psutil.Process(nodes[1].pid).children(recursive=True):
+        proc.send_signal(signal.SIGTERM)
+    codes = wait_all(nodes, timeout=120)
+    texts = [log.read_text() for log in logs]
+    stopped_at = int(latest_checkpoint(out).name.split("_")[1])
+    assert stopped_at < 4, "the run finished before the signal; nothing to resume"
+    assert all("preempted by" in t and f"at step {stopped_at}:" in t for t in texts), [t[-2000:] for t in texts]
+    assert all(code != 0 for code in codes), codes  # torchrun reports its workers' exit code 75 as a failure
+
+    codes, texts, _ = two_nodes(out, *data_args, *RECIPE, "--resume", "auto")
+    assert codes == [0, 0], "\n".join(t[-3000:] for t in texts)
+    assert_bitwise(final_state(two_node_dp[0]), final_state(out))
+
+
+@pytest.mark.slow
 def test_accelerate_launch_on_two_machines_equals_torchrun(data_args, two_node_dp, tmp_path):
     out = tmp_path / "run"
     codes, logs, _ = two_nodes(out, *data_args, *RECIPE, launcher="accelerate")

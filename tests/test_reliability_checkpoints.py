@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from run_helpers import different_tensors, error_lines, model_state, train
+from run_helpers import different_tensors, error_lines, model_state, train, trained
 from timm_local.training import CHECKPOINT_DIR, latest_checkpoint, list_checkpoints, read_checkpoint_meta
 
 DROPOUT = ["--model-kwargs", "{drop_rate: 0.3}", "--checkpoint-every-steps", "1", "--keep-checkpoints", "0"]
@@ -24,17 +24,13 @@ STOP, FINAL = 3, 5
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     """FINAL steps with dropout (which draws from the RNG) and a checkpoint after every step: the reference."""
-    out = tmp_path_factory.mktemp("straight") / "run"
-    assert train(*DROPOUT, "--max-steps", FINAL, "--output-dir", out) == 0
-    return out
+    return trained(tmp_path_factory, "straight", *DROPOUT, "--max-steps", FINAL)
 
 
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory) -> Path:
     """The same run stopped after STOP steps (checkpoints step_1 .. step_STOP)."""
-    out = tmp_path_factory.mktemp("stopped") / "run"
-    assert train(*DROPOUT, "--max-steps", STOP, "--output-dir", out) == 0
-    return out
+    return trained(tmp_path_factory, "stopped", *DROPOUT, "--max-steps", STOP)
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:
@@ -52,15 +48,15 @@ def _truncate(path: Path) -> None:
 
 
 CORRUPTIONS = {
-    "rng_state_truncated": lambda c: _truncate(c / "random_states_0.pkl"),
-    "model_truncated": lambda c: _truncate(c / "custom_checkpoint_0.pkl"),
-    "optimizer_bytes_flipped": lambda c: (c / "optimizer.bin").write_bytes(
-        bytes(b ^ 0xFF if i == 200 else b for i, b in enumerate((c / "optimizer.bin").read_bytes()))),
-    "train_state_missing": lambda c: (c / "custom_checkpoint_2.pkl").unlink(),
+    "rng_state_truncated": lambda c: _truncate(c / "rng_0.safetensors"),
+    "model_truncated": lambda c: _truncate(c / "model.safetensors"),
+    "optimizer_bytes_flipped": lambda c: (c / "optimizer.safetensors").write_bytes(
+        bytes(b ^ 0xFF if i == 200 else b for i, b in enumerate((c / "optimizer.safetensors").read_bytes()))),
+    "scheduler_missing": lambda c: (c / "scheduler.safetensors").unlink(),
     "meta_not_json": lambda c: (c / "checkpoint_meta.json").write_text('{"model": "resnet20_cifar", '),
 }
-NAMED_FILE = {"rng_state_truncated": "random_states_0.pkl", "model_truncated": "custom_checkpoint_0.pkl",
-              "optimizer_bytes_flipped": "optimizer.bin", "train_state_missing": "custom_checkpoint_2.pkl",
+NAMED_FILE = {"rng_state_truncated": "rng_0.safetensors", "model_truncated": "model.safetensors",
+              "optimizer_bytes_flipped": "optimizer.safetensors", "scheduler_missing": "scheduler.safetensors",
               "meta_not_json": "checkpoint_meta.json"}
 
 
@@ -106,7 +102,7 @@ def test_a_stale_step_folder_is_replaced_not_kept(straight, stopped, tmp_path):
 
 def test_listing_ignores_half_deleted_and_unnamed_folders(stopped, tmp_path):
     out = _copy(stopped, tmp_path)
-    (_ckpt(out, 2) / "custom_checkpoint_0.pkl").unlink()  # what a kill during an in-place deletion left
+    (_ckpt(out, 2) / "model.safetensors").unlink()  # what a kill during an in-place deletion left
     (out / CHECKPOINT_DIR / ".old-step_00000001").mkdir()
     assert [p.name for p in list_checkpoints(out)] == ["step_00000001", "step_00000003"]
 
@@ -121,7 +117,7 @@ def test_rotation_renames_before_deleting(tmp_path, monkeypatch):
     real_rmtree = shutil.rmtree
 
     def killed_during_deletion(path, *args, **kwargs):
-        model = Path(path) / "custom_checkpoint_0.pkl"
+        model = Path(path) / "model.safetensors"
         if model.is_file():
             model.unlink()
             raise Killed(path)

@@ -21,10 +21,11 @@ import yaml
 from run_helpers import different_tensors, error_lines, model_state, resume, train, train_tool
 from timm_local.memory import PEAK_MEMORY_KEYS
 from timm_local.training import CHECKPOINT_DIR, latest_checkpoint, list_checkpoints, read_metrics
+from timm_local.training.checkpoint import load_state
 
 
 def _all_finite(checkpoint: Path) -> bool:
-    optimizer = torch.load(checkpoint / "optimizer.bin", map_location="cpu", weights_only=True)
+    optimizer = load_state(checkpoint, "optimizer")
     tensors = list(model_state(checkpoint).values())
     tensors += [v for state in optimizer["state"].values() for v in state.values() if torch.is_tensor(v)]
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())

@@ -21,6 +21,7 @@ from timm_local.export import load_exported, pretrained_cfg_overlay, read_export
 from timm_local.memory import PEAK_MEMORY_KEYS
 from timm_local.training import (CHECKPOINT_DIR, TMP_PREFIX, latest_checkpoint, list_checkpoints,
                                  read_checkpoint_meta, read_metrics)
+from timm_local.training.checkpoint import load_model_state, load_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def run_train(*args: str) -> int:
 
 
 def model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return torch.load(checkpoint / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=True)
+    return load_model_state(checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +169,8 @@ def test_resume_gives_identical_weights(stop_at, straight_run, stopped_run, data
     a, b = model_state(latest_checkpoint(straight_run)), model_state(latest_checkpoint(out))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
-    opt_a = torch.load(latest_checkpoint(straight_run) / "optimizer.bin", weights_only=True)
-    opt_b = torch.load(latest_checkpoint(out) / "optimizer.bin", weights_only=True)
+    opt_a = load_state(latest_checkpoint(straight_run), "optimizer")
+    opt_b = load_state(latest_checkpoint(out), "optimizer")
     assert all(torch.equal(opt_a["state"][i]["momentum_buffer"], opt_b["state"][i]["momentum_buffer"])
                for i in opt_a["state"])
     # the metrics history of the resumed run is the uninterrupted one (losses, lr, accuracies per step)

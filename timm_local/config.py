@@ -34,7 +34,7 @@ ENGINES = ("sequential", "pipeline")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 #: Keys that belong to one invocation, not to the run: a resume never inherits them from the run's config.yaml
 #: (``max_steps`` is a stop point: a resumed run continues to ``epochs`` unless it is given again).
-INVOCATION_KEYS = ("output_dir", "resume", "max_steps")
+INVOCATION_KEYS = ("output_dir", "resume", "max_steps", "trust_pickle")
 #: Keys whose change on resume restarts the learning-rate schedule at the current step (docs/training.md).
 SCHEDULE_KEYS = ("lr", "epochs", "sched", "warmup_epochs", "warmup_lr", "min_lr")
 #: Keys a resume may not change: the checkpoint's optimizer state, data order or input pipeline depend on them
@@ -159,6 +159,12 @@ class TrainConfig:
     trackers: str = field(default="auto", metadata={
         "help": "Accelerate trackers: auto (tensorboard if installed), none, or a comma list"})
     export: bool = field(default=True, metadata={"help": "export the backbone to OUTPUT_DIR/export at the end"})
+    preempt_signals: str = field(default="TERM,USR1", metadata={
+        "help": "signals that make every process finish its step, write a checkpoint and exit with code 75 "
+                "(continue with --resume auto; docs/distributed.md); none: their default action"})
+    trust_pickle: bool = field(default=False, metadata={
+        "help": "load the pickle files of a checkpoint written by an older version even where they name code "
+                "(which loading runs): only for a run folder you trust; it is then migrated to safetensors"})
 
     def resolved_output_dir(self) -> Path:
         if self.output_dir:

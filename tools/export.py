@@ -28,8 +28,10 @@ def run(argv: Optional[Sequence[str]]) -> int:
     p.add_argument("run_dir", help="a run folder written by tools/train.py")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the run's latest)")
     p.add_argument("--out", default=None, help="export folder (default: RUN_DIR/export)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="read a checkpoint of the older pickle format even where it names code (only a run you trust)")
     args = p.parse_args(argv)
-    path = export_run(args.run_dir, checkpoint=args.checkpoint, export_dir=args.out)
+    path = export_run(args.run_dir, checkpoint=args.checkpoint, export_dir=args.out, trust_pickle=args.trust_pickle)
     print(f"exported to {path}; load with timm.create_model('local-dir:{path}', pretrained=True)")
     return 0
 

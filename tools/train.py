@@ -10,7 +10,7 @@
 Every config key is a flag (see --help); flags override the --config recipe, and a resume without --config
 continues from the run folder's own config.yaml. The loop lives in timm_local.training.train; this file only
 parses arguments and reports errors: a user error is one line on stderr and exit code 2 (3: the run stopped
-on a non-finite loss or step); --debug (or TIMM_LOCAL_DEBUG=1) shows the traceback.
+on a non-finite loss or step; 75: preempted by a signal after saving a checkpoint); --debug (or TIMM_LOCAL_DEBUG=1) shows the traceback.
 
 Memory (docs/memory.md): on CUDA, PYTORCH_CUDA_ALLOC_CONF defaults to expandable_segments:True unless
 you set it (or PYTORCH_ALLOC_CONF); on the CPU, launch through PyTorch's CPU launcher with tcmalloc, as
@@ -30,6 +30,7 @@ from timm_local.cli import command_line_errors, handle_errors, library_errors
 from timm_local.config import parse_config
 from timm_local.memory import default_cuda_alloc_conf
 from timm_local.training import NonFiniteLossError, train
+from timm_local.training.preempt import PREEMPTED_EXIT, Preempted
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -42,7 +43,11 @@ def run(argv: Optional[Sequence[str]]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown the progress
     cfg = parse_config(argv, description=__doc__)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except Preempted as e:  # not an error: the run saved and asks to be continued
+        print(f"stopped: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
     from accelerate import PartialState
 
     if not PartialState().is_main_process:

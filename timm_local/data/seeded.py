@@ -21,19 +21,24 @@ __all__ = ["SeededTransformDataset", "isolated_rng"]
 
 @contextlib.contextmanager
 def isolated_rng(seed: int) -> Iterator[None]:
-    """Run a block under torch/python RNGs seeded with ``seed``, restoring the outer states afterwards.
+    """Run a block under torch's CPU and python's RNGs seeded with ``seed``, restoring their outer states after.
 
-    torchvision transforms draw from torch's global RNG and timm's from python's ``random``; isolating
-    them makes augmentation independent of worker count, resume position, and the training RNG.
+    torchvision transforms draw from torch's default CPU generator and timm's from python's ``random``;
+    isolating them makes augmentation independent of worker count, resume position, and the training RNG.
+    Only those two generators are touched: ``torch.manual_seed`` would also reseed every CUDA (and MPS,
+    XPU) generator, so with ``--workers 0`` on a GPU each sample would reset the stream that dropout and
+    drop-path draw from. Seeding the CPU generator alone gives it the very state ``torch.manual_seed``
+    gives it, so the augmented images are the same.
     """
-    torch_state = torch.random.get_rng_state()
+    cpu = torch.default_generator
+    torch_state = cpu.get_state()
     py_state = random.getstate()
-    torch.random.manual_seed(seed)
+    cpu.manual_seed(seed)
     random.seed(seed)
     try:
         yield
     finally:
-        torch.random.set_rng_state(torch_state)
+        cpu.set_state(torch_state)
         random.setstate(py_state)
 
 

@@ -5,10 +5,13 @@
     config -> data -> model -> runner -> loop -> checkpoint / metrics / export
 
 ``builders`` (accelerator, datasets, model, optimizer/schedule), ``runners`` (sequential and pipelined
-engines behind one protocol), ``loop`` (:func:`fit`), ``checkpoint`` (atomic, verified save, listing,
-rotation), ``resume`` (which checkpoint, compatibility, changes, history), ``finite`` (nothing non-finite
-stepped or saved), ``metrics`` (metrics.jsonl + trackers), ``evaluate``, ``run`` (reading and exporting
-finished run folders), ``plot`` (learning curves).
+engines behind one protocol), ``loop`` (:func:`fit`), ``checkpoint`` (what a checkpoint holds; atomic,
+verified save, listing, rotation), ``safe_state`` (state files without pickle), ``restore`` (a checkpoint
+into a live run), ``legacy`` / ``migrate`` (the older pickle format, read safely and migrated once),
+``resume`` (which checkpoint, compatibility, changes, history), ``lock`` (one writer per run folder),
+``preempt`` (SIGTERM/SIGUSR1 save and stop), ``finite`` (nothing non-finite stepped or saved), ``metrics``
+(metrics.jsonl + trackers), ``evaluate``, ``run`` (reading and exporting finished run folders), ``plot``
+(learning curves).
 """
 from __future__ import annotations
 

@@ -292,9 +292,8 @@ def prepare_optimization(cfg: TrainConfig, lm: Any, accelerator: Any, steps_per_
         logger.warning("warmup_epochs=%s >= half of epochs=%s: using %s", cfg.warmup_epochs, cfg.epochs, warmup)
     schedule = Schedule(_timm_scheduler(cfg, optimizer, steps_per_epoch, cfg.epochs - warmup, warmup))
     optimizer = accelerator.prepare(optimizer)
-    state = TrainState()
-    register_for_checkpointing(accelerator, lm, schedule, state)
-    return optimizer, schedule, state
+    register_for_checkpointing(accelerator, lm, optimizer, schedule)
+    return optimizer, schedule, TrainState()
 
 
 def freeze_batchnorm(module: nn.Module) -> None:

@@ -102,8 +102,13 @@ def last_finite_checkpoint(output_dir: Path, below: Optional[int] = None) -> Opt
             meta = verify_checkpoint(folder)
         except (FileNotFoundError, CheckpointError):
             continue
-        if meta.get(FINITE_KEY) or (FINITE_KEY not in meta and all_finite(load_model_state(folder).values())):
+        if meta.get(FINITE_KEY):
             return folder
+        try:
+            if FINITE_KEY not in meta and all_finite(load_model_state(folder).values()):
+                return folder
+        except CheckpointError:  # a pickle that names code: not a checkpoint to recommend
+            continue
     return None
 
 

@@ -13,32 +13,37 @@ resumed run sees the same batches -- also when resumed mid-epoch, where the cons
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import yaml
 
-from ..config import CONFIG_NAME, SCHEDULE_KEYS, TrainConfig, validate_config
+from ..config import CONFIG_NAME, SCHEDULE_KEYS, ConfigError, TrainConfig, validate_config
 from ..distributed import RollCall
 from ..export import to_jsonable
 from ..memory import peak_memory_across_processes, reset_peak_memory
 from .builders import (build_local_model, check_precision, device_batches, eval_batch_size, freeze_batchnorm,
                        make_accelerator, make_loader, normalize_on_device, prepare_optimization, restart_schedule,
                        run_datasets, tune_convolutions)
-from .checkpoint import latest_checkpoint, save_checkpoint
+from .checkpoint import CheckpointWriteError, any_process, checkpoint_step, latest_checkpoint, save_checkpoint, write_error
 from .console import epoch_line, memory_route_line, start_line
 from .evaluate import evaluate
 from .finite import FINITE_KEY, FiniteGuard, NonFiniteLossError, good_checkpoint, non_finite_advice, non_finite_message
+from .lock import hold_run_folder
 from .metrics import METRICS_NAME, MetricsLog, TrainWindow, scalar_config, tracker_names
+from .migrate import migrate_run_folder
+from .preempt import Preempted, PreemptionWatch, parse_signals
 from .resolved import resolve_choices
 from .resume import discard_newer_checkpoints, resolve_resume, resume_state, run_history, run_meta
 from .run import EXPORT_DIR, export_trained
 from .runners import Runner
 from .state import TrainResult, TrainState
 
-__all__ = ["NonFiniteLossError", "close_epoch", "fit"]
+__all__ = ["NonFiniteLossError", "Preempted", "close_epoch", "fit"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +62,40 @@ def close_epoch(cfg: TrainConfig, state: TrainState, epoch: int, steps_per_epoch
 
 
 def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
-    """Train ``cfg`` with ``runner``'s engine (every process of a launch calls it) and export the backbone."""
+    """Train ``cfg`` with ``runner``'s engine (every process of a launch calls it) and export the backbone.
+
+    The main process holds the run folder's lock (:mod:`.lock`) and every process watches for preemption
+    signals (:mod:`.preempt`) until it returns.
+    """
+    validate_config(cfg)
+    check_precision(cfg)
+    try:
+        signals = parse_signals(cfg.preempt_signals)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    output_dir = cfg.resolved_output_dir()
+    accelerator = make_accelerator(cfg, output_dir)
+    roll = RollCall.take(cfg.collective_timeout)  # every process of the launch is here, or who is not
+    runner.check_launch(accelerator.num_processes)
+    lock = hold_run_folder(accelerator, output_dir)  # a second run in this folder stops here, naming the first
+    watch = PreemptionWatch(signals).install()
+    try:
+        return _fit(cfg, runner, accelerator, roll, watch)
+    finally:
+        watch.close()
+        if lock is not None:
+            lock.release()
+
+
+def _fit(cfg: TrainConfig, runner: Runner, accelerator: Any, roll: RollCall, watch: PreemptionWatch) -> TrainResult:
+    """:func:`fit` once the run folder is this run's."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     # ---- set-up: nothing is written before the config, data, model and checkpoint are known to work --
-    validate_config(cfg)
-    check_precision(cfg)
     output_dir = cfg.resolved_output_dir()
-    accelerator = make_accelerator(cfg, output_dir)
     world = accelerator.num_processes
-    roll = RollCall.take(cfg.collective_timeout)  # every process of the launch is here, or who is not
-    runner.check_launch(world)
     resume_from = resolve_resume(cfg, output_dir)
     set_seed(cfg.seed)
 
@@ -109,6 +135,7 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         discard_newer_checkpoints(output_dir, resume_from)
+        migrate_run_folder(output_dir, cfg.trust_pickle)  # lossless, once: the folder then holds no pickle
         (output_dir / CONFIG_NAME).write_text(yaml.safe_dump(to_jsonable(resolved), sort_keys=False))
     accelerator.wait_for_everyone()
     roll.check_shared_folder(output_dir)  # checkpoints and resume need one folder seen by every node
@@ -133,10 +160,23 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
         if problem is not None:
             raise stop(f"state before the checkpoint ({problem})")
         state.window = window.state(accelerator)
-        path = save_checkpoint(accelerator, output_dir, state, {**meta, FINITE_KEY: True}, cfg.keep_checkpoints)
+        try:
+            path = save_checkpoint(accelerator, output_dir, state, {**meta, FINITE_KEY: True}, cfg.keep_checkpoints)
+        except CheckpointWriteError:
+            progress.close()  # the error line below the bar, not glued to it
+            raise
         if accelerator.is_main_process:
             logger.info("checkpoint (%s): %s", reason, path)
         return path
+
+    def preempted() -> Preempted:
+        """The preemption stop: a checkpoint of this step (unless just written), trackers ended."""
+        path = last_checkpoint
+        if path is None or checkpoint_step(path) != state.global_step:
+            path = save("preempted")
+        progress.close()
+        accelerator.end_training()
+        return watch.stopped(state.global_step, path)
 
     def run_eval(epoch_done: int) -> dict[str, Any]:
         runner.consolidate(optimizer)
@@ -201,6 +241,8 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
                 if cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0 \
                         and state.step_in_epoch < steps_per_epoch:
                     last_checkpoint = save("steps")
+                if state.step_in_epoch < steps_per_epoch and watch.requested(accelerator):
+                    raise preempted()
                 if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
                     stopped_early = True
                     break
@@ -210,6 +252,8 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
             if accelerator.is_main_process:
                 progress.write(epoch_line(epoch + 1, cfg.epochs, console.get("loss"), console.get("eval"),
                                           time.perf_counter() - t_epoch, output_dir, partial=state.epoch == epoch))
+            if not stopped_early and state.epoch < cfg.epochs and watch.requested(accelerator):
+                raise preempted()
     progress.close()
 
     # ---- finish: final evaluation (if the last state was not evaluated) and export ---------------
@@ -220,9 +264,15 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     export_dir = None
     if cfg.export:
         export_dir = output_dir / EXPORT_DIR
+        failed: Optional[OSError] = None
         if accelerator.is_main_process:
-            export_trained(lm.backbone, lm.method_name, lm.method_config, export_dir, cfg, data, state)
-        accelerator.wait_for_everyone()
+            try:
+                export_trained(lm.backbone, lm.method_name, lm.method_config, export_dir, cfg, data, state)
+            except OSError as e:  # a half export must not make the folder look finished
+                shutil.rmtree(export_dir, ignore_errors=True)
+                failed = e
+        if any_process(accelerator, failed is not None):
+            raise write_error(failed or OSError(errno.EIO, "failed on the main process"), "the export", output_dir)
     metrics.log({"kind": "summary", "epoch": state.epoch, "step": state.global_step, "top1": state.last_top1,
                  "best_top1": state.best_top1, "best_epoch": state.best_epoch, "train_time_s": state.train_time_s,
                  "complete": state.epoch >= cfg.epochs})

@@ -7,6 +7,7 @@ Rows have a ``kind``: ``train`` (every ``--log-every`` steps), ``eval``, ``error
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -16,17 +17,32 @@ import torch
 __all__ = ["METRICS_NAME", "MetricsLog", "TrainWindow", "WINDOW_KEYS", "read_metrics", "scalar_config",
            "tracker_names", "train_row"]
 
+logger = logging.getLogger(__name__)
+
 METRICS_NAME = "metrics.jsonl"
 #: The per-stage sums a training window accumulates, in the order they are all-reduced.
 WINDOW_KEYS = ("loss_sum", "samples", "correct", "scored")
 
 
+def _rows(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The rows of a ``metrics.jsonl``, and whether its last line was cut short (a crash or a full disk in
+    the middle of an append): that line is left out. A bad line anywhere else is an error."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        last = [json.loads(lines[-1])] if lines else []
+        truncated = False
+    except json.JSONDecodeError:
+        last, truncated = [], True
+    return [json.loads(line) for line in lines[:-1]] + last, truncated
+
+
 def read_metrics(run_dir: Union[str, Path]) -> list[dict[str, Any]]:
-    """The rows of a run's ``metrics.jsonl`` (``kind`` = train | eval | error | summary)."""
+    """The rows of a run's ``metrics.jsonl`` (``kind`` = train | eval | error | summary); a last line cut
+    short by a crash is skipped (a resume removes it)."""
     path = Path(run_dir) / METRICS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {METRICS_NAME} in {run_dir}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _rows(path)[0]
 
 
 def tracker_names(spec: Optional[str]) -> list[str]:
@@ -57,7 +73,9 @@ class MetricsLog:
         self.path = path
         self.rows: list[dict[str, Any]] = []
         if accelerator.is_main_process and path.exists():
-            rows = read_metrics(path.parent)
+            rows, truncated = _rows(path)
+            if truncated:
+                logger.warning("%s: removing its last line, truncated by the end of the previous run", path)
             if resume_step is not None:
                 rows = [r for r in rows if r.get("step", 0) <= resume_step and r.get("kind") != "summary"]
             else:

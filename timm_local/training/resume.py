@@ -20,11 +20,12 @@ from typing import Any, Optional
 import yaml
 
 from ..config import CONFIG_NAME, FIXED_ON_RESUME, TrainConfig, config_changes, is_resuming
-from .checkpoint import (CHECKPOINT_DIR, CHECKPOINT_PREFIX, CUSTOM_OBJECTS, META_NAME, CheckpointError,
+from .checkpoint import (CHECKPOINT_DIR, CHECKPOINT_PREFIX, META_NAME, CheckpointError, UnsafePickleError,
                          checkpoint_folders, checkpoint_step, newest_verified, read_checkpoint_meta, remove_checkpoint,
                          verify_checkpoint)
 from .metrics import METRICS_NAME
 from .resolved import fill_resolved
+from .restore import restore_checkpoint
 from .run import EXPORT_DIR
 from .state import TrainState
 
@@ -56,9 +57,9 @@ def _is_finished(output_dir: Path) -> bool:
     return (output_dir / EXPORT_DIR).is_dir() or (metrics.is_file() and '"kind": "summary"' in metrics.read_text())
 
 
-def _newest(run_dir: Path) -> Optional[Path]:
+def _newest(run_dir: Path, trust_pickle: bool) -> Optional[Path]:
     """The newest checkpoint of ``run_dir`` that verifies; a warning names each newer one skipped."""
-    found, skipped = newest_verified(run_dir)
+    found, skipped = newest_verified(run_dir, trust_pickle)
     if found is None and skipped:
         reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped)
         raise CheckpointError(f"no checkpoint of {run_dir} verifies ({reasons}); start the run again in another "
@@ -69,26 +70,28 @@ def _newest(run_dir: Path) -> Optional[Path]:
     return found
 
 
-def _previous_verified(path: Path) -> Optional[Path]:
+def _previous_verified(path: Path, trust_pickle: bool) -> Optional[Path]:
     """The newest checkpoint older than ``path`` in its run folder that verifies."""
     if not path.name[len(CHECKPOINT_PREFIX):].isdigit():
         return None
     for folder in reversed(checkpoint_folders(path.parent.parent)):
         if checkpoint_step(folder) < checkpoint_step(path):
             try:
-                verify_checkpoint(folder)
+                verify_checkpoint(folder, trust_pickle)
                 return folder
             except (FileNotFoundError, CheckpointError):
                 continue
     return None
 
 
-def _verified(path: Path) -> Path:
+def _verified(path: Path, trust_pickle: bool) -> Path:
     """``path`` if it verifies, else an error naming the bad file and the checkpoint to use instead."""
     try:
-        verify_checkpoint(path)
+        verify_checkpoint(path, trust_pickle)
+    except UnsafePickleError:
+        raise
     except (FileNotFoundError, CheckpointError) as e:
-        good = _previous_verified(path)
+        good = _previous_verified(path, trust_pickle)
         hint = f"; the previous checkpoint {good} verifies: resume from it with --resume {good}" if good else ""
         raise CheckpointError(f"cannot resume from {path}: {e}{hint}") from None
     return path
@@ -104,7 +107,7 @@ def resolve_resume(cfg: TrainConfig, output_dir: Path) -> Optional[Path]:
                 f"to continue it, or choose another --output-dir.")
         return None
     if cfg.resume == "auto":
-        found = _newest(output_dir)
+        found = _newest(output_dir, cfg.trust_pickle)
         if found is None and _is_finished(output_dir):
             raise FileExistsError(
                 f"{output_dir} holds a finished run ({', '.join(outputs)}) but no checkpoint to continue from; choose "
@@ -115,9 +118,9 @@ def resolve_resume(cfg: TrainConfig, output_dir: Path) -> Optional[Path]:
         return found
     path = Path(cfg.resume)
     if (path / META_NAME).is_file() or (path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX)):
-        found = _verified(path)
+        found = _verified(path, cfg.trust_pickle)
     elif checkpoint_folders(path):  # a run folder was given
-        found = _newest(path)
+        found = _newest(path, cfg.trust_pickle)
     else:
         raise CheckpointError(f"--resume {cfg.resume}: not a checkpoint folder (no {META_NAME}) and not a run folder "
                               f"with checkpoints")
@@ -135,7 +138,7 @@ def run_meta(cfg: TrainConfig, lm: Any, data: Any, world: int) -> dict[str, Any]
         "model": cfg.model, "method": lm.method_name, "method_config": lm.method_config,
         "num_classes": data.num_classes, "in_chans": data.in_chans, "image_size": data.image_size,
         "dataset": data.dataset, "batch_size": cfg.batch_size, "epochs": cfg.epochs, "lr": cfg.lr,
-        "num_processes": world, "custom_objects": list(CUSTOM_OBJECTS), "config": cfg.to_dict(),
+        "num_processes": world, "config": cfg.to_dict(),
     }
 
 
@@ -192,7 +195,9 @@ def resume_state(accelerator: Any, checkpoint: Path, meta: dict[str, Any], cfg: 
     check_compatible(saved, meta, checkpoint)
     changes = resume_changes(saved, cfg, checkpoint)
     try:
-        accelerator.load_state(str(checkpoint))
+        restore_checkpoint(accelerator, checkpoint, state, cfg.trust_pickle)
+    except CheckpointError:
+        raise
     except Exception as e:  # verified files that still do not load: name the checkpoint and what failed
         raise CheckpointError(f"cannot load {checkpoint} ({type(e).__name__}: {e})") from e
     if state.step_in_epoch >= steps_per_epoch:

@@ -68,25 +68,27 @@ class SavedRun:
     model_state: dict[str, torch.Tensor]  # the whole LocalModel: "backbone.*" and the auxiliary heads
 
 
-def read_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None) -> SavedRun:
-    """Read a run's ``config.yaml`` and one checkpoint (by default the newest that verifies)."""
+def read_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None,
+             trust_pickle: bool = False) -> SavedRun:
+    """Read a run's ``config.yaml`` and one checkpoint (by default the newest that verifies); a checkpoint of
+    the older pickle format is read without running code unless ``trust_pickle``."""
     run_dir = Path(run_dir)
     config_path = run_dir / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run (no {CONFIG_NAME})")
     resolved = yaml.safe_load(config_path.read_text())
-    ckpt, skipped = (Path(checkpoint), []) if checkpoint else newest_verified(run_dir)
+    ckpt, skipped = (Path(checkpoint), []) if checkpoint else newest_verified(run_dir, trust_pickle)
     for folder, why in skipped:
         logger.warning("skipping checkpoint %s: %s", folder, why)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint under {CHECKPOINT_DIR}/")
-    meta = verify_checkpoint(ckpt)
+    meta = verify_checkpoint(ckpt, trust_pickle)
     field_names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in resolved.items() if k in field_names})
     data_fields = {f.name for f in dataclasses.fields(DataConfig)}
     data = DataConfig(**{k: v for k, v in resolved["data"].items() if k in data_fields})
     data.mean, data.std = tuple(data.mean), tuple(data.std)
-    return SavedRun(run_dir, ckpt, cfg, data, meta, load_model_state(ckpt))
+    return SavedRun(run_dir, ckpt, cfg, data, meta, load_model_state(ckpt, trust_pickle))
 
 
 def load_local_model(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None) -> tuple[Any, SavedRun]:
@@ -102,13 +104,13 @@ def load_local_model(run_dir: Union[str, Path], checkpoint: Optional[Union[str, 
 
 
 def export_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None,
-               export_dir: Optional[Union[str, Path]] = None) -> Path:
+               export_dir: Optional[Union[str, Path]] = None, trust_pickle: bool = False) -> Path:
     """Export the backbone of a run's checkpoint (latest by default) to ``RUN_DIR/export``.
 
     Rebuilds only the timm backbone from the run's ``config.yaml`` and loads the ``backbone.*`` part of
     the checkpointed LocalModel state -- the auxiliary heads are not part of an export.
     """
-    run = read_run(run_dir, checkpoint)
+    run = read_run(run_dir, checkpoint, trust_pickle)
     cfg, data = run.cfg, run.data
     backbone_state = {k[len("backbone."):]: v for k, v in run.model_state.items() if k.startswith("backbone.")}
     backbone = build_backbone(cfg, data)
