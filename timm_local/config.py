@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import yaml
 
 from .cli import ArgumentParser
+from .timm_options import FLAG_ALIASES, TIMM_RULES, TimmOptions, add_timm_flags, sync_image_size, timm_flag_values
 
 __all__ = ["CONFIG_NAME", "ConfigError", "ENGINES", "FIXED_ON_RESUME", "INVOCATION_KEYS", "MIXED_PRECISIONS",
            "SCHEDULE_KEYS", "TrainConfig", "build_parser", "config_changes", "config_from_dict", "is_resuming",
@@ -48,8 +49,9 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class TrainConfig:
-    """Everything that defines a training run. Field docs are the ``--help`` texts."""
+class TrainConfig(TimmOptions):
+    """Everything that defines a training run. Field docs are the ``--help`` texts; timm's recipe keys
+    (starting weights, smoothing, mixup, EMA, ...) come from :class:`~timm_local.timm_options.TimmOptions`."""
 
     # --- model and local learning rule --------------------------------------------------------
     model: str = field(default="resnet20_cifar", metadata={"help": "timm model name (or one of ours, *_cifar)"})
@@ -125,7 +127,12 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and augmentation"})
     cpu: bool = field(default=False, metadata={
         "help": "train on the CPU even if a GPU is present (multi-process CPU runs select it automatically)"})
-    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16 (Accelerate)"})
+    mixed_precision: Optional[str] = field(default=None, metadata={
+        "help": "no | fp16 | bf16; None = what Accelerate resolved (accelerate config, ACCELERATE_MIXED_PRECISION)"})
+    grad_accum_steps: Optional[int] = field(default=None, metadata={
+        "help": "sum the local gradients of N micro-batches (each 1/N of --batch-size), then one synchronisation "
+                "and one optimizer step; None = what Accelerate resolved (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, "
+                "else 1)"})
     output_dir: Optional[str] = field(default=None, metadata={
         "help": "run folder; None = runs/<dataset>-<model>-<method>"})
     resume: Optional[str] = field(default=None, metadata={"help": "'auto' (latest in output_dir) or a checkpoint folder"})
@@ -194,6 +201,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("pipeline_cost", lambda v: v in ("time", "macs"), "time or macs"),
     ("engine", lambda v: v in ENGINES, " or ".join(ENGINES)),
     ("mixed_precision", lambda v: v in MIXED_PRECISIONS, " | ".join(MIXED_PRECISIONS)),
+    ("grad_accum_steps", _positive, "a positive integer (or none: what Accelerate resolved)"),
     ("max_steps", _positive, "a positive integer (or none)"),
     ("eval_every", _positive, "a positive integer"),
     ("log_every", _positive, "a positive integer"),
@@ -204,7 +212,8 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 
 def validate_config(cfg: TrainConfig) -> None:
     """Refuse values that cannot work, before a run builds or writes anything (one :class:`ConfigError`)."""
-    for key, ok, requirement in _RULES:
+    sync_image_size(cfg)
+    for key, ok, requirement in (*_RULES, *TIMM_RULES):
         value = getattr(cfg, key)
         if value is not None and not ok(value):
             raise ConfigError(f"{_flag(key)} must be {requirement}, got {value!r}")
@@ -357,11 +366,14 @@ def build_parser(description: Optional[str] = None) -> ArgumentParser:
         flags = [f"--{f.name.replace('_', '-')}"]
         if "_" in f.name:
             flags.append(f"--{f.name}")
+        flags += FLAG_ALIASES.get(f.name, ())
         help_ = f.metadata.get("help", "")
         if base is bool:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_)
-        else:
-            parser.add_argument(*flags, dest=f.name, type=str, metavar=f.name.upper(), help=help_)
+        else:  # list and dict keys take several words: --mean 0.5 0.5 0.5, --model-kwargs drop_rate=0.1
+            parser.add_argument(*flags, dest=f.name, type=str, metavar=f.name.upper(), help=help_,
+                                nargs="+" if base in (list, dict) else None)
+    add_timm_flags(parser)
     return parser
 
 
@@ -371,7 +383,7 @@ def parse_config(argv: Optional[Sequence[str]] = None, description: Optional[str
     A resume (``--resume``) without ``--config`` continues the run as it was configured: defaults < the
     run folder's ``config.yaml`` (:func:`previous_run_config`) < explicit flags.
     """
-    args = vars(build_parser(description).parse_args(argv))
+    args = timm_flag_values(vars(build_parser(description).parse_args(argv)), _field_types())
     values: dict[str, Any] = {}
     files = args.pop("config", [])
     for path in files:
@@ -381,5 +393,6 @@ def parse_config(argv: Optional[Sequence[str]] = None, description: Optional[str
         if previous is not None:
             logger.info("continuing with the configuration of %s (flags given override it)", previous[0])
             values = previous[1]
-    cfg = config_from_dict(values)
-    return config_from_dict(args, base=cfg)
+    cfg = config_from_dict(args, base=config_from_dict(values))
+    sync_image_size(cfg)
+    return cfg

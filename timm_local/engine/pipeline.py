@@ -237,6 +237,7 @@ class PipelineTrainer:
         x: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
         backward: Backward | None = None,
+        sync: bool = True,
     ) -> PipelineStepOutput:
         """Process the next batch at this rank's segment: local forwards and backwards.
 
@@ -244,6 +245,9 @@ class PipelineTrainer:
         nothing). The k-th call on every rank processes the same batch k, so calls must be
         made the same number of times on every rank. Gradients are complete (and averaged
         across replicas) on return; the caller steps the optimizer before the next call.
+        ``sync=False`` (gradient accumulation: not the last micro-batch of an optimizer step) adds
+        this batch's gradients to those already there without averaging across replicas; the
+        call with ``sync=True`` then averages the sum once.
         """
         step_start = time.perf_counter()
         if self.is_first:
@@ -276,7 +280,7 @@ class PipelineTrainer:
                 self._next.send([h, y, inputs if self._send_inputs else None])
                 self.wait_times["send"] += time.perf_counter() - start
             backward(loss)
-            if self._replica_group is not None:
+            if sync and self._replica_group is not None:
                 reductions.append(GradientAverage(self._stage_params[j], self.num_replicas,
                                                   self._replica_group, self.comm_device))
             losses[j] = loss.detach()

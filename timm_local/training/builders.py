@@ -5,6 +5,7 @@ wrapper): see :mod:`timm_local.training.runners`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from datetime import timedelta
@@ -24,7 +25,7 @@ from .state import TrainState
 
 __all__ = ["Schedule", "apply_speed_options", "build_backbone", "build_local_model", "check_precision",
            "eval_batch_size", "freeze_batchnorm", "has_accelerator", "make_accelerator", "make_loader", "method_kwargs",
-           "prepare_optimization", "restart_schedule", "run_datasets"]
+           "prepare_optimization", "restart_schedule", "run_datasets", "settled_by_accelerate"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,11 @@ def has_accelerator() -> bool:
 
 
 def check_precision(cfg: TrainConfig) -> None:
-    """fp16 needs a GPU: Accelerate would otherwise train fp32 while the run's config says fp16."""
+    """fp16 needs a GPU: Accelerate would otherwise train fp32 while the run's config says fp16.
+
+    Called with the precision Accelerate settled on (:func:`settled_by_accelerate`), so an fp16 that came
+    from Accelerate's own configuration is refused as clearly as ``--mixed-precision fp16``.
+    """
     if cfg.mixed_precision == "fp16" and (cfg.cpu or not has_accelerator()):
         raise ConfigError("--mixed-precision fp16 needs a GPU (its gradient scaling is CUDA-only) and this run is on "
                           "the CPU; use --mixed-precision bf16 (works on CPUs) or no")
@@ -50,9 +55,15 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Any:
     The seedable sampler makes the data order a function of (seed, epoch), which exact resume needs.
     ``--collective-timeout`` becomes the process group's timeout: a dead or hung process (another node
     lost) stops the run with an error instead of a hang.
+
+    Precision and gradient accumulation left at None are Accelerate's to decide (its config file through
+    ``accelerate launch``, ``ACCELERATE_*`` variables); a value given is passed so that it wins. The
+    accumulation goes in as a plugin because a plain ``gradient_accumulation_steps`` argument is itself
+    overridden by ``ACCELERATE_GRADIENT_ACCUMULATION_STEPS``.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import (DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs,
+                                  ProjectConfiguration)
 
     if not cfg.collective_timeout > 0:
         raise ValueError(f"--collective-timeout must be a positive number of seconds, got {cfg.collective_timeout}")
@@ -65,8 +76,10 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Any:
     cpu = cfg.cpu or (launched and not has_accelerator())
     if launched and not cpu and torch.cuda.is_available():
         check_gpus_per_node(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
+    accumulation = (None if cfg.grad_accum_steps is None
+                    else GradientAccumulationPlugin(num_steps=cfg.grad_accum_steps))
     return Accelerator(
-        cpu=cpu,
+        cpu=cpu, gradient_accumulation_plugin=accumulation,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))],
         mixed_precision=cfg.mixed_precision,
         log_with=trackers or None,
@@ -74,6 +87,13 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Any:
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=cfg.seed),
         step_scheduler_with_optimizer=False,
     )
+
+
+def settled_by_accelerate(cfg: TrainConfig, accelerator: Any) -> TrainConfig:
+    """``cfg`` with the precision and gradient accumulation the accelerator uses: config.yaml, checkpoints
+    and the start line then say what the run did, whoever decided it."""
+    return dataclasses.replace(cfg, mixed_precision=str(accelerator.mixed_precision),
+                               grad_accum_steps=int(accelerator.gradient_accumulation_steps))
 
 
 def method_kwargs(cfg: TrainConfig) -> dict[str, Any]:

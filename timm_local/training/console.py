@@ -24,8 +24,10 @@ def start_line(cfg: TrainConfig, data: Any, lm: Any, output_dir: Path, world: in
     return (f"training {cfg.model} with {lm.method_name}{f' ({settings})' if settings else ''} on {dataset}: "
             f"{data.train_size} train / {data.test_size} test images, {data.num_classes} classes, "
             f"{data.in_chans}x{data.image_size}x{data.image_size}; {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} "
-            f"of batch {cfg.batch_size} "
-            f"on {world} process{'es' if world > 1 else ''}; run folder {output_dir}")
+            f"of batch {cfg.batch_size}"
+            f"{f' ({cfg.grad_accum_steps} accumulated micro-batches)' if (cfg.grad_accum_steps or 1) > 1 else ''} "
+            f"on {world} process{'es' if world > 1 else ''}, mixed precision {cfg.mixed_precision}; "
+            f"run folder {output_dir}")
 
 
 def memory_route_line(device: Any) -> str:

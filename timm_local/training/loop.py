@@ -25,7 +25,7 @@ from ..distributed import RollCall
 from ..export import to_jsonable
 from ..memory import peak_memory_across_processes, reset_peak_memory
 from .builders import (build_local_model, check_precision, eval_batch_size, freeze_batchnorm, make_accelerator,
-                       make_loader, prepare_optimization, restart_schedule, run_datasets)
+                       make_loader, prepare_optimization, restart_schedule, run_datasets, settled_by_accelerate)
 from .checkpoint import latest_checkpoint, save_checkpoint
 from .console import epoch_line, memory_route_line, start_line
 from .evaluate import evaluate
@@ -63,12 +63,13 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
 
     # ---- set-up: nothing is written before the config, data, model and checkpoint are known to work --
     validate_config(cfg)
-    check_precision(cfg)
     output_dir = cfg.resolved_output_dir()
     accelerator = make_accelerator(cfg, output_dir)
+    cfg = settled_by_accelerate(cfg, accelerator)
+    check_precision(cfg)
     world = accelerator.num_processes
     roll = RollCall.take(cfg.collective_timeout)  # every process of the launch is here, or who is not
-    runner.check_launch(world)
+    runner.check_launch(world, cfg.grad_accum_steps)
     resume_from = resolve_resume(cfg, output_dir)
     set_seed(cfg.seed)
 
@@ -163,13 +164,16 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
                 freeze_batchnorm(lm)
             t_epoch = time.perf_counter()
             reset_peak_memory(accelerator.device)  # train rows carry this epoch's peak memory so far
-            for x, y in runner.batches(epoch, state.step_in_epoch):
+            for group in runner.batches(epoch, state.step_in_epoch):
                 optimizer.zero_grad(set_to_none=True)
                 guard.before_step()
                 error: Optional[str] = None
+                sums: dict[str, Any] = {}
                 try:
-                    with accelerator.autocast():
-                        sums = runner.step(x, y)
+                    for i, (x, y) in enumerate(group):  # gradient accumulation: sum, sync after the last
+                        with accelerator.autocast():
+                            part = runner.step(x, y, sync=i == len(group) - 1)
+                        sums = {k: sums[k] + v for k, v in part.items()} if sums else part
                 except FloatingPointError as e:  # raised by the engine before any optimizer step
                     error = f"loss ({e})"
                 error = runner.agree_on_error(error)
