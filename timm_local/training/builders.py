@@ -125,11 +125,24 @@ def build_backbone(cfg: TrainConfig, data: DataConfig) -> nn.Module:
     The data's preprocessing goes into the model's ``pretrained_cfg`` (timm's ``pretrained_cfg_overlay``):
     methods that reconstruct the input (InfoPro) de-normalise with the statistics the data pipeline
     actually used, and the export carries them.
+
+    ``--pretrained`` / ``--initial-checkpoint`` load their weights here (:mod:`.starting`); ``--drop-rate`` and
+    ``--drop-path-rate`` are timm's ``drop_rate`` / ``drop_path_rate`` arguments.
     """
     from ..model import create_backbone
+    from .starting import starting_weights
 
-    return create_backbone(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans,
-                           pretrained_cfg_overlay=data.pretrained_cfg(), **dict(cfg.model_kwargs or {}))
+    start = starting_weights(cfg)
+    kwargs = {k: v for k, v in (("drop_rate", cfg.drop_rate), ("drop_path_rate", cfg.drop_path_rate)) if v is not None}
+    try:
+        return create_backbone(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans,
+                               pretrained=start.pretrained, pretrained_cfg_overlay={**data.pretrained_cfg(),
+                                                                                    **start.overlay},
+                               **{**kwargs, **dict(cfg.model_kwargs or {})})
+    except (RuntimeError, OSError) as e:  # timm's and huggingface_hub's "no weights" / "not in the offline cache"
+        if not start.pretrained:
+            raise
+        raise ConfigError(f"cannot load the starting weights ({start.source}): {e}") from e
 
 
 def build_local_model(cfg: TrainConfig, data: DataConfig) -> Any:

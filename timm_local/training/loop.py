@@ -35,6 +35,7 @@ from .resolved import resolve_choices
 from .resume import discard_newer_checkpoints, resolve_resume, resume_state, run_history, run_meta
 from .run import EXPORT_DIR, export_trained
 from .runners import Runner
+from .starting import weights_source
 from .state import TrainResult, TrainState
 
 __all__ = ["NonFiniteLossError", "close_epoch", "fit"]
@@ -75,7 +76,9 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
 
     train_set, test_set, data = run_datasets(cfg)
     test_loader = accelerator.prepare(make_loader(test_set, eval_batch_size(cfg, world), cfg))
-    lm = build_local_model(cfg, data).to(accelerator.device)
+    # a resume takes its weights from the checkpoint, not from the run's starting weights (which may be gone)
+    fresh = dataclasses.replace(cfg, pretrained=False, initial_checkpoint=None)
+    lm = build_local_model(cfg if resume_from is None else fresh, data).to(accelerator.device)
     default_dataset = cfg.dataset is None
     cfg = resolve_choices(cfg, data, lm)  # config.yaml and checkpoints say the dataset, d and tau used
     roll.barrier("the end of set-up (datasets read, model built)")  # a node whose set-up failed is named
@@ -101,7 +104,8 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
                             "total_steps": steps_per_epoch * cfg.epochs, "device": str(accelerator.device),
                             "mixed_precision": accelerator.mixed_precision,
                             "per_process_batch": runner.per_process_batch, **runner.runtime(),
-                            "resumed_from": str(resume_from) if resume_from else None},
+                            "resumed_from": str(resume_from) if resume_from else None,
+                            "weights_from": weights_source(cfg)[0]},
                 "history": run_history(output_dir, cfg, resume_from, state.global_step, changes)}
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)

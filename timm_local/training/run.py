@@ -27,6 +27,7 @@ from ..version import __version__
 from .builders import build_backbone, build_local_model
 from .checkpoint import CHECKPOINT_DIR, load_model_state, newest_verified, verify_checkpoint
 from .metrics import read_metrics
+from .starting import weights_source
 from .state import TrainState
 
 __all__ = ["CONFIG_NAME", "EXPORT_DIR", "SavedRun", "export_run", "export_trained", "load_local_model",
@@ -45,6 +46,7 @@ def _export_metadata(cfg: TrainConfig, data: DataConfig, state: TrainState, meth
         "top1": state.last_top1, "best_top1": state.best_top1, "best_epoch": state.best_epoch,
         "epochs": state.epoch, "global_step": state.global_step, "batch_size": cfg.batch_size, "lr": cfg.lr,
         "seed": cfg.seed, "timm_local_version": __version__,
+        **dict(zip(("weights_from", "base_model"), weights_source(cfg))),
     }
 
 
@@ -66,6 +68,7 @@ class SavedRun:
     data: DataConfig
     meta: dict[str, Any]
     model_state: dict[str, torch.Tensor]  # the whole LocalModel: "backbone.*" and the auxiliary heads
+    rebuild_cfg: TrainConfig  # ``cfg`` without its starting weights: what rebuilds the architecture
 
 
 def read_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None) -> SavedRun:
@@ -83,10 +86,12 @@ def read_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] =
     meta = verify_checkpoint(ckpt)
     field_names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in resolved.items() if k in field_names})
+    # the trained weights are in the checkpoint: rebuilding the model must not fetch the starting ones again
+    rebuild = dataclasses.replace(cfg, pretrained=False, initial_checkpoint=None)
     data_fields = {f.name for f in dataclasses.fields(DataConfig)}
     data = DataConfig(**{k: v for k, v in resolved["data"].items() if k in data_fields})
     data.mean, data.std = tuple(data.mean), tuple(data.std)
-    return SavedRun(run_dir, ckpt, cfg, data, meta, load_model_state(ckpt))
+    return SavedRun(run_dir, ckpt, cfg, data, meta, load_model_state(ckpt), rebuild)
 
 
 def load_local_model(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None) -> tuple[Any, SavedRun]:
@@ -96,7 +101,7 @@ def load_local_model(run_dir: Union[str, Path], checkpoint: Optional[Union[str, 
     local objectives themselves, e.g. how well each block's head classifies (benchmarks/head_accuracy.py).
     """
     run = read_run(run_dir, checkpoint)
-    lm = build_local_model(run.cfg, run.data)
+    lm = build_local_model(run.rebuild_cfg, run.data)
     lm.load_state_dict(run.model_state)
     return lm, run
 
@@ -111,7 +116,7 @@ def export_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]]
     run = read_run(run_dir, checkpoint)
     cfg, data = run.cfg, run.data
     backbone_state = {k[len("backbone."):]: v for k, v in run.model_state.items() if k.startswith("backbone.")}
-    backbone = build_backbone(cfg, data)
+    backbone = build_backbone(run.rebuild_cfg, data)
     backbone.load_state_dict(backbone_state)
     state = TrainState()
     state.load_state_dict(run.meta.get("train_state", {}))
