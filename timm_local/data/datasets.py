@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -95,26 +96,32 @@ def create_datasets(
     std: Optional[Sequence[float]] = None,
     image_column: Optional[str] = None,
     label_column: Optional[str] = None,
+    augmentation: Optional[Mapping[str, Any]] = None,
 ) -> tuple[SeededTransformDataset, SeededTransformDataset, DataConfig]:
     """Build the transformed train and test datasets of a run and describe them.
 
     ``image_size`` defaults to the dataset's own (32 for CIFAR, 96 for STL-10, ...); ``in_chans`` is
     what the model wants. ``num_classes`` may exceed the labels found (never fall short of them).
+    ``augmentation``: timm's transform knobs (:func:`~timm_local.data.transforms.build_transform`'s ``extra``),
+    where ``crop_pct`` / ``interpolation`` override the dataset's own.
     """
     splits = load_image_sources(dataset, data_dir, image_column, label_column)
     found_classes = _num_classes_of(splits)
     if num_classes is not None and num_classes < found_classes:
         raise ValueError(f"num_classes={num_classes} but the dataset has {found_classes} classes ({splits.origin}).")
     recipe = splits.recipe
+    extra = dict(augmentation or {})
+    overrides = {k: extra.pop(k) for k in ("crop_pct", "interpolation") if extra.get(k) is not None}
     if recipe is None:
         native = native_image_size(splits, image_size)
         first, _ = splits.train[0]
         native_chans = 1 if first.mode in ("L", "1", "I", "I;16", "F") else 3
         recipe = generic_recipe(str(dataset), image_size or native or max(first.size), native_chans, found_classes)
+    recipe = dataclasses.replace(recipe, **overrides) if overrides else recipe
     size = int(image_size or recipe.image_size)
     mean_ = expand_stats(mean if mean is not None else recipe.mean, in_chans)
     std_ = expand_stats(std if std is not None else recipe.std, in_chans)
-    train = SeededTransformDataset(splits.train, build_transform(recipe, size, in_chans, True, augment, mean_, std_),
+    train = SeededTransformDataset(splits.train, build_transform(recipe, size, in_chans, True, augment, mean_, std_, extra),
                                    seed=seed)
     test = SeededTransformDataset(splits.test, build_transform(recipe, size, in_chans, False, augment, mean_, std_),
                                   seed=seed)

@@ -10,11 +10,10 @@ import contextlib
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-from ..methods.base import LocalStage
+from ..methods.base import LocalStage, classification_loss
 from ..partition import Partition
 from .speed import match_memory_format
 
@@ -75,7 +74,7 @@ def run_stage(
             h = block(h)
     if stage.head is None:
         logits = partition.top(h)
-        return h, F.cross_entropy(logits, target), logits
+        return h, classification_loss(logits, target), logits
     loss, logits = stage.head.local_loss(h, target, inputs)
     return h, loss, logits
 

@@ -97,6 +97,8 @@ class PredSim(LocalMethod):
     the prediction head's input (512 in AugLocal's comparison).
     """
 
+    labels_only = "its similarity-matching loss compares the similarity of one-hot labels"
+
     def __init__(self, sim_weight: float = 0.99, max_features: int = 512) -> None:
         if not 0.0 <= float(sim_weight) <= 1.0:
             raise ValueError(f"sim_weight (PredSim's beta) must be in [0, 1], got {sim_weight!r}")

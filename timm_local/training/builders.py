@@ -23,7 +23,7 @@ from .checkpoint import register_for_checkpointing
 from .metrics import tracker_names
 from .state import TrainState
 
-__all__ = ["Schedule", "apply_speed_options", "build_backbone", "build_local_model", "check_precision",
+__all__ = ["Schedule", "apply_speed_options", "augmentation_options", "build_backbone", "build_local_model", "check_precision",
            "eval_batch_size", "freeze_batchnorm", "has_accelerator", "make_accelerator", "make_loader", "method_kwargs",
            "prepare_optimization", "restart_schedule", "run_datasets", "settled_by_accelerate"]
 
@@ -182,7 +182,7 @@ def run_datasets(cfg: TrainConfig) -> tuple[Any, Any, DataConfig]:
         train_set, test_set, data = create_datasets(
             cfg.dataset, cfg.data_dir, image_size=cfg.image_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
             augment=cfg.augment, seed=cfg.seed, mean=cfg.mean, std=cfg.std, image_column=cfg.image_column,
-            label_column=cfg.label_column)
+            label_column=cfg.label_column, augmentation=augmentation_options(cfg))
     except CorruptImageError:
         raise
     except ValueError as e:  # a dataset that does not fit the run's settings (classes, columns, layout)
@@ -191,6 +191,12 @@ def run_datasets(cfg: TrainConfig) -> tuple[Any, Any, DataConfig]:
         raise ConfigError(f"the training set has {len(train_set)} images, fewer than one batch ({cfg.batch_size}); "
                          f"lower --batch-size")
     return train_set, test_set, data
+
+
+def augmentation_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The recipe's ``timm.data.create_transform`` knobs, under create_transform's argument names."""
+    return {"auto_augment": cfg.aa, "re_prob": cfg.reprob, "re_mode": cfg.remode, "re_count": cfg.recount,
+            "color_jitter": cfg.color_jitter, "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation}
 
 
 def eval_batch_size(cfg: TrainConfig, world: int) -> int:

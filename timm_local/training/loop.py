@@ -36,6 +36,7 @@ from .resume import discard_newer_checkpoints, resolve_resume, resume_state, run
 from .run import EXPORT_DIR, export_trained
 from .runners import Runner
 from .starting import weights_source
+from .targets import Targets
 from .state import TrainResult, TrainState
 
 __all__ = ["NonFiniteLossError", "close_epoch", "fit"]
@@ -81,6 +82,8 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     lm = build_local_model(cfg if resume_from is None else fresh, data).to(accelerator.device)
     default_dataset = cfg.dataset is None
     cfg = resolve_choices(cfg, data, lm)  # config.yaml and checkpoints say the dataset, d and tau used
+    targets = Targets(cfg, data.num_classes, lm.method)  # labels, or smoothed / mixed class distributions
+    targets.check_batch(runner.per_process_batch)
     roll.barrier("the end of set-up (datasets read, model built)")  # a node whose set-up failed is named
     runner.attach(accelerator, lm, train_set, data)
     steps_per_epoch = runner.steps_per_epoch
@@ -175,6 +178,7 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
                 sums: dict[str, Any] = {}
                 try:
                     for i, (x, y) in enumerate(group):  # gradient accumulation: sum, sync after the last
+                        x, y = targets(x, y)
                         with accelerator.autocast():
                             part = runner.step(x, y, sync=i == len(group) - 1)
                         sums = {k: sums[k] + v for k, v in part.items()} if sums else part
