@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from .state import TrainState
 
@@ -223,9 +223,13 @@ def _clear_leftovers(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, meta: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, meta: dict[str, Any], keep: int,
+                    extra: Optional[Callable[[Path], None]] = None) -> Path:
     """``accelerator.save_state`` into a temporary folder, then an atomic rename to ``step_XXXXXXXX``
-    (replacing a folder of that step), then rotation to the newest ``keep`` (0: keep all)."""
+    (replacing a folder of that step), then rotation to the newest ``keep`` (0: keep all).
+
+    ``extra(folder)`` (main process) adds files of the run's own (the EMA's ``ema.safetensors``) before the
+    manifest is taken, so they are verified and renamed with the rest."""
     root = output_dir / CHECKPOINT_DIR
     final = root / f"{CHECKPOINT_PREFIX}{state.global_step:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
@@ -236,6 +240,8 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, meta:
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if extra is not None:
+            extra(tmp)
         full = {**meta, "train_state": state.state_dict(), "files": _manifest(tmp)}
         (tmp / META_NAME).write_text(json.dumps(full, indent=2))
         with open(tmp / META_NAME, "rb") as f:

@@ -48,6 +48,8 @@ def epoch_line(epoch: int, epochs: int, train_loss: Optional[float], eval_row: O
     loss = f"train loss {train_loss:.4f}" if train_loss is not None else "train loss n/a"
     if eval_row is not None:
         top1 = f"test top-1 {eval_row['top1']:.2f}% (best {eval_row['best_top1']:.2f}%)"
+        top1 += f", top-5 {eval_row['top5']:.2f}%" if "top5" in eval_row else ""
+        top1 += f", EMA top-1 {eval_row['ema_top1']:.2f}%" if "ema_top1" in eval_row else ""
     else:
         top1 = "not evaluated (--eval-every)"
     stopped = " (stopped inside it: --max-steps)" if partial else ""

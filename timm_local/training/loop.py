@@ -37,6 +37,7 @@ from .run import EXPORT_DIR, export_trained
 from .runners import Runner
 from .starting import weights_source
 from .targets import Targets
+from .weights import create_ema, forget_later_best, is_better, load_ema, save_ema, weights_to_export, write_best
 from .state import TrainResult, TrainState
 
 __all__ = ["NonFiniteLossError", "close_epoch", "fit"]
@@ -45,15 +46,15 @@ logger = logging.getLogger(__name__)
 
 
 def close_epoch(cfg: TrainConfig, state: TrainState, epoch: int, steps_per_epoch: int, stopped_early: bool,
-                run_eval: Callable[[int], Any], save: Callable[[str], Path]) -> Path:
+                run_eval: Callable[[int, bool], Any], save: Callable[[str], Path]) -> Path:
     """After the step loop of ``epoch``: evaluate when due and write the checkpoint that lets a later
     ``--resume`` continue exactly here (epoch boundary, or mid-epoch when ``max_steps`` stopped it)."""
     if state.step_in_epoch >= steps_per_epoch:  # epoch complete
         state.epoch, state.step_in_epoch = epoch + 1, 0
         if state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs or stopped_early:
-            run_eval(state.epoch)
+            run_eval(state.epoch, True)
         return save("epoch")
-    run_eval(epoch)  # stopped by max_steps inside the epoch
+    run_eval(epoch, False)  # stopped by max_steps inside the epoch: not a candidate for the best epoch
     return save("max_steps")
 
 
@@ -88,12 +89,15 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     runner.attach(accelerator, lm, train_set, data)
     steps_per_epoch = runner.steps_per_epoch
     optimizer, schedule, state = prepare_optimization(cfg, lm, accelerator, steps_per_epoch)
+    ema = create_ema(cfg, lm.backbone)  # after the start-up broadcast: every process's EMA starts alike
     meta = run_meta(cfg, lm, data, world)
     changes: dict[str, Any] = {}
     if resume_from is not None:  # full model and optimizer everywhere: any engine, cut or W resumes
         changes = resume_state(accelerator, resume_from, meta, cfg, state, steps_per_epoch)
         if any(k in changes for k in SCHEDULE_KEYS):
             restart_schedule(cfg, optimizer, schedule, state.global_step, steps_per_epoch)
+        if ema is not None and not load_ema(ema, resume_from):
+            logger.warning("%s holds no EMA: the EMA starts from the resumed weights", resume_from)
     last_checkpoint = resume_from
     window = TrainWindow()  # per-stage sums since the last train row
     window.restore(state.window, accelerator)
@@ -113,6 +117,7 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         discard_newer_checkpoints(output_dir, resume_from)
+        forget_later_best(output_dir, state.global_step, state)
         (output_dir / CONFIG_NAME).write_text(yaml.safe_dump(to_jsonable(resolved), sort_keys=False))
     accelerator.wait_for_everyone()
     roll.check_shared_folder(output_dir)  # checkpoints and resume need one folder seen by every node
@@ -131,24 +136,39 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
         accelerator.end_training()
         return NonFiniteLossError(msg)
 
-    def save(reason: str) -> Path:
+    def consolidate() -> None:
+        """Every process holds the whole trained state, BatchNorm statistics made equal (--dist-bn)."""
         runner.consolidate(optimizer)
+        if cfg.engine == "sequential" and world > 1 and cfg.dist_bn != "none":  # the pipeline's are replica 0's
+            from timm.utils import distribute_bn
+
+            for module in (lm, ema.module if ema is not None else None):
+                if module is not None:
+                    distribute_bn(module, world, reduce=cfg.dist_bn == "reduce")
+
+    def save(reason: str) -> Path:
+        consolidate()
         problem = runner.agree_on_error(guard.check_state(optimizer))
         if problem is not None:
             raise stop(f"state before the checkpoint ({problem})")
         state.window = window.state(accelerator)
-        path = save_checkpoint(accelerator, output_dir, state, {**meta, FINITE_KEY: True}, cfg.keep_checkpoints)
+        path = save_checkpoint(accelerator, output_dir, state, {**meta, FINITE_KEY: True}, cfg.keep_checkpoints,
+                               extra=None if ema is None else lambda folder: save_ema(ema, folder))
         if accelerator.is_main_process:
             logger.info("checkpoint (%s): %s", reason, path)
         return path
 
-    def run_eval(epoch_done: int) -> dict[str, Any]:
-        runner.consolidate(optimizer)
-        result = evaluate(lm, test_loader, accelerator, heads=cfg.eval_heads)
-        state.last_top1 = result["top1"]
-        if result["top1"] > state.best_top1:
-            state.best_top1, state.best_epoch = result["top1"], epoch_done
-        row = {"kind": "eval", "epoch": epoch_done, "step": state.global_step, **result, "best_top1": state.best_top1}
+    def run_eval(epoch_done: int, epoch_end: bool) -> dict[str, Any]:
+        consolidate()
+        result = evaluate(lm, test_loader, accelerator, heads=cfg.eval_heads, ema=ema.module if ema else None)
+        state.last_top1, state.best_top1 = result["top1"], max(state.best_top1, result["top1"])
+        value = result[cfg.eval_metric]
+        if epoch_end and is_better(cfg.eval_metric, value, state.best_metric):
+            state.best_metric, state.best_epoch = value, epoch_done
+            if accelerator.is_main_process and cfg.export and cfg.export_weights == "best":
+                write_best(lm.backbone, output_dir, epoch_done, state.global_step, cfg.eval_metric, value)
+        row = {"kind": "eval", "epoch": epoch_done, "step": state.global_step, **result, "best_top1": state.best_top1,
+               "best_epoch": state.best_epoch}
         metrics.log(row)
         console["eval"] = row
         return result
@@ -194,6 +214,8 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
                     raise stop(error, x)
                 lr_used = optimizer.param_groups[0]["lr"]
                 optimizer.step()
+                if ema is not None:
+                    ema.update(lm.backbone, step=state.global_step)
                 state.global_step += 1
                 state.step_in_epoch += 1
                 schedule.step_update(state.global_step)
@@ -222,14 +244,15 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
 
     # ---- finish: final evaluation (if the last state was not evaluated) and export ---------------
     if state.last_top1 is None:
-        run_eval(state.epoch)
+        run_eval(state.epoch, state.step_in_epoch == 0)
         last_checkpoint = save("final")
-    runner.consolidate(optimizer)
+    consolidate()
     export_dir = None
     if cfg.export:
         export_dir = output_dir / EXPORT_DIR
         if accelerator.is_main_process:
-            export_trained(lm.backbone, lm.method_name, lm.method_config, export_dir, cfg, data, state)
+            backbone, which = weights_to_export(cfg, lm.backbone, ema, output_dir)
+            export_trained(backbone, lm.method_name, lm.method_config, export_dir, cfg, data, state, which)
         accelerator.wait_for_everyone()
     metrics.log({"kind": "summary", "epoch": state.epoch, "step": state.global_step, "top1": state.last_top1,
                  "best_top1": state.best_top1, "best_epoch": state.best_epoch, "train_time_s": state.train_time_s,

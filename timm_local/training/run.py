@@ -39,23 +39,24 @@ logger = logging.getLogger(__name__)
 
 
 def _export_metadata(cfg: TrainConfig, data: DataConfig, state: TrainState, method_name: str,
-                     method_config: dict[str, Any]) -> dict[str, Any]:
+                     method_config: dict[str, Any], which: Optional[str] = None) -> dict[str, Any]:
     return {
         "method": method_name, "method_config": method_config, **method_config,
         "dataset": data.dataset, "model": cfg.model, "image_size": data.image_size,
         "top1": state.last_top1, "best_top1": state.best_top1, "best_epoch": state.best_epoch,
         "epochs": state.epoch, "global_step": state.global_step, "batch_size": cfg.batch_size, "lr": cfg.lr,
         "seed": cfg.seed, "timm_local_version": __version__,
-        **dict(zip(("weights_from", "base_model"), weights_source(cfg))),
+        **dict(zip(("weights_from", "base_model"), weights_source(cfg))), "exported_weights": which,
     }
 
 
 def export_trained(backbone: nn.Module, method_name: str, method_config: dict[str, Any], export_dir: Path,
-                   cfg: TrainConfig, data: DataConfig, state: TrainState) -> Path:
-    """Export a trained backbone with the run's preprocessing, class names and training metadata."""
+                   cfg: TrainConfig, data: DataConfig, state: TrainState, which: Optional[str] = None) -> Path:
+    """Export a trained backbone with the run's preprocessing, class names and training metadata (``which``:
+    the weights these are, e.g. the best epoch's)."""
     return export_backbone(
         backbone, export_dir, data_config=data.pretrained_cfg(),
-        metadata=_export_metadata(cfg, data, state, method_name, method_config), label_names=data.classes)
+        metadata=_export_metadata(cfg, data, state, method_name, method_config, which), label_names=data.classes)
 
 
 @dataclass
@@ -121,4 +122,5 @@ def export_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]]
     state = TrainState()
     state.load_state_dict(run.meta.get("train_state", {}))
     return export_trained(backbone, run.meta["method"], run.meta.get("method_config", {}),
-                          Path(export_dir) if export_dir else run.run_dir / EXPORT_DIR, cfg, data, state)
+                          Path(export_dir) if export_dir else run.run_dir / EXPORT_DIR, cfg, data, state,
+                          f"the weights of checkpoint {run.checkpoint.name}")
