@@ -66,12 +66,19 @@ def test_the_ema_resumes_bit_for_bit(cifar, ema_run, tmp_path):
                      load_file(str(list_checkpoints(ema_run)[-1] / "ema.safetensors"))) == []
 
 
-def test_export_best_holds_the_best_epochs_weights(cifar, tmp_path):
+BEST_SETTING = ["--epochs", 3, "--lr", 5.0, "--warmup-epochs", 1.5, "--eval-metric", "loss", "--keep-checkpoints", 0]
+
+
+@pytest.fixture(scope="module")
+def best_run(cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("best") / "run"
+    assert train(*cifar_flags(cifar), *BEST_SETTING, "--output-dir", out) == 0
+    return out
+
+
+def test_export_best_holds_the_best_epochs_weights(cifar, best_run, tmp_path):
     """A warm-up to a learning rate too high for the task: a later epoch is worse, the best epoch is not the last."""
-    out = tmp_path / "run"
-    assert train(*cifar_flags(cifar), "--epochs", 3, "--lr", 5.0, "--warmup-epochs", 1.5, "--eval-metric", "loss",
-                 "--keep-checkpoints", 0,
-                 "--output-dir", out) == 0
+    out = best_run
     evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
     best = min(evals, key=lambda r: r["loss"])  # the first of equal ones, as the run chooses
     assert best["epoch"] < 3, "the setting must make an earlier epoch the best"
@@ -93,3 +100,4 @@ def test_export_best_holds_the_best_epochs_weights(cifar, tmp_path):
 def test_ema_refusals(cifar, tmp_path, capsys):
     assert train("--export-weights", "ema", "--max-steps", 1, "--output-dir", tmp_path / "a") == 2
     assert "--export-weights ema needs --model-ema" in capsys.readouterr().err
+

@@ -92,3 +92,25 @@ def test_pipeline_accumulation_equals_one_larger_batch(cifar, one_batch, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert saved_config(out)["grad_accum_steps"] == 2
     assert_close_weights(exported(out), exported(one_batch))
+
+
+@pytest.mark.slow
+def test_dist_bn_makes_the_processes_batchnorm_statistics_one(cifar, tmp_path):
+    """Two data-parallel processes: --dist-bn reduce checkpoints the average of their BatchNorm statistics,
+    broadcast process 0's; the parameters (trained on batch statistics) are the same either way."""
+    from timm_local.training import list_checkpoints
+    from timm_local.training.checkpoint import load_model_state
+
+    states = {}
+    for mode in ("reduce", "broadcast"):
+        out = tmp_path / mode
+        proc = torchrun(2, ["--image-size", "8", "--workers", "0", "--trackers", "none", "--lr", "0.05", "--seed", "0",
+                            "--dataset", "cifar10", "--data-dir", cifar, "--model", "resnet20_cifar", "--method", "bp",
+                            "--epochs", "1", "--batch-size", 8, "--dist-bn", mode, "--output-dir", out])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        states[mode] = load_model_state(list_checkpoints(out)[-1])
+    reduce, broadcast = states["reduce"], states["broadcast"]
+    stats = [k for k in reduce if k.endswith(("running_mean", "running_var"))]
+    params = [k for k in reduce if k not in stats and not k.endswith("num_batches_tracked")]
+    assert all(torch.equal(reduce[k], broadcast[k]) for k in params)
+    assert any(not torch.equal(reduce[k], broadcast[k]) for k in stats)

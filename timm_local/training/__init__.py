@@ -8,7 +8,9 @@
 engines behind one protocol), ``loop`` (:func:`fit`), ``checkpoint`` (atomic, verified save, listing,
 rotation), ``resume`` (which checkpoint, compatibility, changes, history), ``finite`` (nothing non-finite
 stepped or saved), ``metrics`` (metrics.jsonl + trackers), ``evaluate``, ``run`` (reading and exporting
-finished run folders), ``plot`` (learning curves).
+finished run folders), ``plot`` (learning curves), ``starting`` (the weights a run starts from), ``targets``
+(labels, or smoothed / mixed class distributions), ``weights`` (the best epoch's backbone, the EMA, what is
+exported).
 """
 from __future__ import annotations
 

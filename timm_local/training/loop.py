@@ -37,7 +37,8 @@ from .run import EXPORT_DIR, export_trained
 from .runners import Runner
 from .starting import weights_source
 from .targets import Targets
-from .weights import create_ema, forget_later_best, is_better, load_ema, save_ema, weights_to_export, write_best
+from .weights import (BEST_NAME, best_is_later, create_ema, is_better, load_ema, save_ema, weights_to_export,
+                      write_best)
 from .state import TrainResult, TrainState
 
 __all__ = ["NonFiniteLossError", "close_epoch", "fit"]
@@ -92,12 +93,15 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     ema = create_ema(cfg, lm.backbone)  # after the start-up broadcast: every process's EMA starts alike
     meta = run_meta(cfg, lm, data, world)
     changes: dict[str, Any] = {}
+    later_best = False
     if resume_from is not None:  # full model and optimizer everywhere: any engine, cut or W resumes
         changes = resume_state(accelerator, resume_from, meta, cfg, state, steps_per_epoch)
         if any(k in changes for k in SCHEDULE_KEYS):
             restart_schedule(cfg, optimizer, schedule, state.global_step, steps_per_epoch)
         if ema is not None and not load_ema(ema, resume_from):
             logger.warning("%s holds no EMA: the EMA starts from the resumed weights", resume_from)
+        later_best = best_is_later(output_dir, state)  # every process forgets it, before process 0 removes it
+        accelerator.wait_for_everyone()
     last_checkpoint = resume_from
     window = TrainWindow()  # per-stage sums since the last train row
     window.restore(state.window, accelerator)
@@ -117,7 +121,8 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         discard_newer_checkpoints(output_dir, resume_from)
-        forget_later_best(output_dir, state.global_step, state)
+        if later_best:
+            (output_dir / BEST_NAME).unlink()
         (output_dir / CONFIG_NAME).write_text(yaml.safe_dump(to_jsonable(resolved), sort_keys=False))
     accelerator.wait_for_everyone()
     roll.check_shared_folder(output_dir)  # checkpoints and resume need one folder seen by every node
@@ -214,9 +219,9 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
                     raise stop(error, x)
                 lr_used = optimizer.param_groups[0]["lr"]
                 optimizer.step()
-                if ema is not None:
-                    ema.update(lm.backbone, step=state.global_step)
                 state.global_step += 1
+                if ema is not None:
+                    ema.update(lm.backbone, step=state.global_step)  # timm's train.py: the updates done
                 state.step_in_epoch += 1
                 schedule.step_update(state.global_step)
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from ..config import ConfigError, TrainConfig
 
-__all__ = ["BEST_NAME", "EMA_NAME", "create_ema", "is_better", "load_ema", "read_best", "save_ema",
+__all__ = ["BEST_NAME", "EMA_NAME", "best_is_later", "create_ema", "is_better", "load_ema", "read_best", "save_ema",
            "weights_to_export", "write_best"]
 
 logger = logging.getLogger(__name__)
@@ -66,15 +66,16 @@ def read_best(output_dir: Path) -> Optional[tuple[dict[str, torch.Tensor], dict[
     return _read(path) if path.is_file() else None
 
 
-def forget_later_best(output_dir: Path, step: int, state: Any) -> None:
-    """On resume: a best file written after the checkpoint's step belongs to the continuation being redone;
-    it is removed and the next epoch-end evaluation chooses again."""
+def best_is_later(output_dir: Path, state: Any) -> bool:
+    """On resume: whether the best file was written after the resumed step. It then belongs to the continuation
+    being redone: the caller removes it, and (done here) the next epoch-end evaluation chooses again."""
     found = read_best(output_dir)
-    if found is not None and int(found[1].get("step", 0)) > step:
-        logger.warning("%s was written after step %d, the step resumed: it is removed, and the best epoch is "
-                       "chosen again from here on", output_dir / BEST_NAME, step)
-        (output_dir / BEST_NAME).unlink()
-        state.best_metric = None
+    if found is None or int(found[1].get("step", 0)) <= state.global_step:
+        return False
+    logger.warning("%s was written after step %d, the step resumed: it is removed, and the best epoch is chosen "
+                   "again from here on", output_dir / BEST_NAME, state.global_step)
+    state.best_metric = None
+    return True
 
 
 # ------------------------------------------------------------------------------------------------
