@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import yaml
 
 from .cli import ArgumentParser
-from .timm_options import FLAG_ALIASES, TIMM_RULES, TimmOptions, add_timm_flags, sync_image_size, timm_flag_values
+from .timm_options import FLAG_ALIASES, TIMM_RULES, TimmOptions, add_timm_flags, timm_flag_values
 
 __all__ = ["CONFIG_NAME", "ConfigError", "ENGINES", "FIXED_ON_RESUME", "INVOCATION_KEYS", "MIXED_PRECISIONS",
            "SCHEDULE_KEYS", "TrainConfig", "build_parser", "config_changes", "config_from_dict", "is_resuming",
@@ -70,17 +70,26 @@ class TrainConfig(TimmOptions):
 
     # --- data ---------------------------------------------------------------------------------
     dataset: Optional[str] = field(default=None, metadata={
-        "help": "built-in name (digits, cifar10, ...), a local folder, or hf-hub:OWNER/NAME; None = digits"})
+        "help": "built-in name (digits, cifar10, ...), a local folder, hf-hub:OWNER/NAME, or timm's hfds/NAME, "
+                "hfids/NAME, wds/ (with --data-dir); None = digits"})
     data_dir: Optional[str] = field(default=None, metadata={
         "help": "where a named dataset's files are (torchvision root, save_to_disk, parquet, class folders, "
                 "or hf-hub:ID)"})
-    image_size: Optional[int] = field(default=None, metadata={"help": "model input size; None = dataset's own"})
+    image_size: Optional[int] = field(default=None, metadata={
+        "help": "model input size (also --img-size); None = the dataset recipe's, else the timm model's "
+                "pretrained_cfg, else the image files'"})
     augment: bool = field(default=True, metadata={"help": "the paper's training augmentation for the dataset"})
     mean: Optional[list] = field(default=None, metadata={"help": "normalisation mean override (YAML list)"})
     std: Optional[list] = field(default=None, metadata={"help": "normalisation std override (YAML list)"})
     image_column: Optional[str] = field(default=None, metadata={"help": "HF datasets image column (auto)"})
     label_column: Optional[str] = field(default=None, metadata={"help": "HF datasets label column (auto)"})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes per training process"})
+    streaming: bool = field(default=False, metadata={
+        "help": "read an HF dataset (save_to_disk folder or hf-hub:ID) as a stream of shards split over processes "
+                "and workers; wds/ and hfids/ specs always stream (docs/training.md, ImageNet)"})
+    device_normalize: Optional[bool] = field(default=None, metadata={
+        "help": "workers hand over uint8 images, copied asynchronously and normalised on the device (same "
+                "values); None = on a GPU"})
 
     # --- optimisation (paper A.2: SGD Nesterov 0.9, wd 1e-4, cosine with linear warm-up) -------
     epochs: int = field(default=10, metadata={"help": "training epochs"})
@@ -129,10 +138,6 @@ class TrainConfig(TimmOptions):
         "help": "train on the CPU even if a GPU is present (multi-process CPU runs select it automatically)"})
     mixed_precision: Optional[str] = field(default=None, metadata={
         "help": "no | fp16 | bf16; None = what Accelerate resolved (accelerate config, ACCELERATE_MIXED_PRECISION)"})
-    grad_accum_steps: Optional[int] = field(default=None, metadata={
-        "help": "sum the local gradients of N micro-batches (each 1/N of --batch-size), then one synchronisation "
-                "and one optimizer step; None = what Accelerate resolved (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, "
-                "else 1)"})
     output_dir: Optional[str] = field(default=None, metadata={
         "help": "run folder; None = runs/<dataset>-<model>-<method>"})
     resume: Optional[str] = field(default=None, metadata={"help": "'auto' (latest in output_dir) or a checkpoint folder"})
@@ -201,7 +206,6 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("pipeline_cost", lambda v: v in ("time", "macs"), "time or macs"),
     ("engine", lambda v: v in ENGINES, " or ".join(ENGINES)),
     ("mixed_precision", lambda v: v in MIXED_PRECISIONS, " | ".join(MIXED_PRECISIONS)),
-    ("grad_accum_steps", _positive, "a positive integer (or none: what Accelerate resolved)"),
     ("max_steps", _positive, "a positive integer (or none)"),
     ("eval_every", _positive, "a positive integer"),
     ("log_every", _positive, "a positive integer"),
@@ -212,7 +216,6 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 
 def validate_config(cfg: TrainConfig) -> None:
     """Refuse values that cannot work, before a run builds or writes anything (one :class:`ConfigError`)."""
-    sync_image_size(cfg)
     for key, ok, requirement in (*_RULES, *TIMM_RULES):
         value = getattr(cfg, key)
         if value is not None and not ok(value):
@@ -393,6 +396,4 @@ def parse_config(argv: Optional[Sequence[str]] = None, description: Optional[str
         if previous is not None:
             logger.info("continuing with the configuration of %s (flags given override it)", previous[0])
             values = previous[1]
-    cfg = config_from_dict(args, base=config_from_dict(values))
-    sync_image_size(cfg)
-    return cfg
+    return config_from_dict(args, base=config_from_dict(values))

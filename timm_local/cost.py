@@ -233,7 +233,7 @@ def describe_machine(device: torch.device | str = "cpu") -> dict[str, Any]:
     """Enough to interpret measured numbers: CPU, threads, load, allocator, torch/timm versions, GPU."""
     import timm
 
-    from . import __version__
+    from .version import __version__
 
     device = torch.device(device)
     cpu = platform.processor() or platform.machine()

@@ -9,36 +9,15 @@ cut can never train silently.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
 from .families import FamilyAdapter, adapter_for
-from .families.fx_trace import first_line
+from .families.spec import LAYOUTS, BlockSpec, run_on_probe
 
-
-#: Feature layouts a local block may output: feature maps (batch, channels, height, width), channels-last
-#: maps (batch, height, width, channels) as Swin-style models keep them, and tokens (batch, tokens, channels).
-LAYOUTS = ("NCHW", "NHWC", "NLC")
-
-
-@dataclass(frozen=True)
-class BlockSpec:
-    """What methods need to know about primary block ``index`` (never its weights).
-
-    ``out_chs`` is the channel (embedding) width in every layout. ``reduction`` is the output stride
-    relative to the input image (spatial size = input / reduction); for tokens it is the patch size
-    the token count implies. ``shape`` is the measured output shape without the batch dimension.
-    """
-
-    index: int
-    name: str
-    out_chs: int
-    reduction: int
-    layout: str = "NCHW"
-    shape: tuple[int, ...] = ()
+__all__ = ["LAYOUTS", "BlockSpec", "Partition", "init_like_primary", "measure_block", "partition", "run_on_probe"]
 
 
 class Partition:
@@ -167,23 +146,6 @@ def _is_map(h: int, w: int, height: int, width: int) -> bool:
     if not (0 < h <= height and 0 < w <= width):
         return False
     return abs(h * width - w * height) <= max(height, width)
-
-
-def run_on_probe(model: nn.Module, x: torch.Tensor, what: str, fn, *args: object) -> object:
-    """``fn(*args)`` on the probe; a failure inside the model becomes an error naming the input size.
-
-    (An architecture with a fixed or constrained input size fails deep inside timm otherwise.)
-    """
-    try:
-        return fn(*args)
-    except Exception as e:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        own = tuple(cfg.get("input_size", ()))
-        raise ValueError(
-            f"{type(model).__name__} cannot run {what} on inputs of shape {tuple(x.shape[1:])} "
-            f"({type(e).__name__}: {first_line(e)}); pass input_size= a size the model accepts"
-            + (f", e.g. its own {own}" if own else "")
-        ) from e
 
 
 def _probe_input(model: nn.Module, input_size: Sequence[int] | None) -> torch.Tensor:

@@ -21,7 +21,7 @@ import yaml
 from .cli import UsageError
 
 __all__ = ["DIST_BN", "EVAL_METRICS", "EXPORT_WEIGHTS", "FLAG_ALIASES", "MIXUP_MODES", "TIMM_RULES", "TimmOptions",
-           "add_timm_flags", "sync_image_size", "timm_flag_values", "uses_soft_targets"]
+           "add_timm_flags", "timm_flag_values", "uses_soft_targets"]
 
 EVAL_METRICS = ("top1", "top5", "loss")
 DIST_BN = ("reduce", "broadcast", "none")
@@ -42,7 +42,6 @@ class TimmOptions:
     initial_checkpoint: Optional[str] = field(default=None, metadata={
         "help": "start from this file (.safetensors / timm .pth checkpoint) or timm_local export folder; a new "
                 "classifier when the class count differs"})
-    img_size: Optional[int] = field(default=None, metadata={"help": "timm's name for --image-size"})
     drop_rate: Optional[float] = field(default=None, metadata={"help": "classifier dropout (timm --drop)"})
     drop_path_rate: Optional[float] = field(default=None, metadata={"help": "stochastic depth (timm --drop-path)"})
 
@@ -67,6 +66,12 @@ class TimmOptions:
     interpolation: Optional[str] = field(default=None, metadata={
         "help": "resize interpolation (bilinear, bicubic, ...; ImageNet-style data); None = the dataset's"})
 
+    # --- optimisation ------------------------------------------------------------------------
+    grad_accum_steps: Optional[int] = field(default=None, metadata={
+        "help": "sum the local gradients of N micro-batches (each 1/N of --batch-size), then one synchronisation "
+                "and one optimizer step; None = what Accelerate resolved (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, "
+                "else 1)"})
+
     # --- EMA, evaluation, export ---------------------------------------------------------------
     model_ema: bool = field(default=False, metadata={
         "help": "keep an exponential moving average of the backbone (timm.utils.ModelEmaV3), evaluated beside it"})
@@ -90,7 +95,7 @@ def _non_negative(v: Any) -> bool:
 
 #: (key, test, what the value must be), in :data:`timm_local.config` 's rule format.
 TIMM_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("img_size", lambda v: v > 0, "a positive integer (or none)"),
+    ("grad_accum_steps", lambda v: v > 0, "a positive integer (or none: what Accelerate resolved)"),
     ("drop_rate", _unit, "in [0, 1]"),
     ("drop_path_rate", _unit, "in [0, 1]"),
     ("smoothing", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
@@ -117,20 +122,12 @@ def uses_soft_targets(cfg: Any) -> bool:
     return cfg.smoothing > 0 or cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None
 
 
-def sync_image_size(cfg: Any) -> None:
-    """``img_size`` (timm's key) and ``image_size`` (ours) are one setting: each takes the other's value."""
-    if cfg.img_size is not None and cfg.image_size is not None and cfg.img_size != cfg.image_size:
-        raise UsageError(f"--img-size {cfg.img_size} and --image-size {cfg.image_size} disagree: they are the same "
-                         f"setting (timm's and our spelling); give one")
-    cfg.img_size = cfg.image_size = cfg.img_size if cfg.img_size is not None else cfg.image_size
-
-
 # ------------------------------------------------------------------------------------------------
 # flags
 # ------------------------------------------------------------------------------------------------
 #: timm's spellings of our keys (same meaning): extra option strings of the key's flag.
 FLAG_ALIASES: dict[str, tuple[str, ...]] = {
-    "workers": ("-j",), "output_dir": ("--output",), "log_every": ("--log-interval",),
+    "image_size": ("--img-size",), "workers": ("-j",), "output_dir": ("--output",), "log_every": ("--log-interval",),
     "keep_checkpoints": ("--checkpoint-hist",), "drop_rate": ("--drop",), "drop_path_rate": ("--drop-path",),
     "aa": ("--auto-augment",),
 }

@@ -12,13 +12,16 @@ What this package guarantees, and why:
 * **Augmentation is a pure function of (seed, epoch, sample index)** (:mod:`.seeded`), so a resumed
   run sees exactly the images an uninterrupted one sees.
 """
-from .datasets import DataConfig, create_datasets
+from .datasets import DataConfig, count_classes, create_datasets
+from .device_loader import DeviceBatches, normalize_batch
+from .input_size import SAMPLE_SIZE, ModelInput, model_input, sample_file_sizes, sample_indices
 from .readers import IDX_STEMS, find_idx, read_idx
 from .recipes import DEFAULT_DATASET, RECIPES, DatasetRecipe, get_recipe, list_datasets
 from .resolve import DATA_DIR_ENV, HUB_PREFIX, load_image_sources, search_roots
 from .seeded import SeededTransformDataset
 from .sources import (ArraySource, CorruptImageError, DatasetNotFoundError, HFSource, ImageSource, ImageSplits,
-                      TorchvisionSource, image_file_sizes)
+                      TorchvisionSource)
+from .streams import HFStream, Stream, TimmSource, spec_prefix
 from .transforms import build_transform, expand_stats
 
 __all__ = [
@@ -29,22 +32,33 @@ __all__ = [
     "DataConfig",
     "DatasetNotFoundError",
     "DatasetRecipe",
+    "DeviceBatches",
     "HFSource",
+    "HFStream",
     "HUB_PREFIX",
+    "ModelInput",
+    "SAMPLE_SIZE",
     "IDX_STEMS",
     "ImageSource",
     "ImageSplits",
     "RECIPES",
     "SeededTransformDataset",
+    "Stream",
+    "TimmSource",
     "TorchvisionSource",
     "build_transform",
+    "count_classes",
     "create_datasets",
     "expand_stats",
     "find_idx",
-    "image_file_sizes",
     "get_recipe",
     "list_datasets",
     "load_image_sources",
+    "model_input",
+    "normalize_batch",
+    "sample_file_sizes",
+    "sample_indices",
     "read_idx",
     "search_roots",
+    "spec_prefix",
 ]

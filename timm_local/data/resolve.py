@@ -16,6 +16,7 @@ from typing import Optional
 from .readers import BUNDLED_READERS, GENERIC_READERS, READERS, read_hub
 from .recipes import DEFAULT_DATASET, RECIPES, DatasetRecipe, list_datasets, normalise_name
 from .sources import DatasetNotFoundError, ImageSplits
+from .streams import MAP_PREFIXES, read_timm_map, spec_prefix
 
 __all__ = ["DATA_DIR_ENV", "HUB_PREFIX", "load_image_sources", "search_roots"]
 
@@ -114,12 +115,15 @@ def load_image_sources(
 ) -> ImageSplits:
     """Resolve ``dataset`` (+ ``data_dir``) to train and test image sources, without transforms.
 
-    ``dataset`` is a built-in name (see :func:`~timm_local.data.list_datasets`), a local folder, or an HF
-    hub id (``hf-hub:owner/name``); ``None`` means the default dataset. For a named dataset, ``data_dir``
-    is where its files are (any supported format, or ``hf-hub:ID``); without it ``$TIMM_LOCAL_DATA_DIR`` and
-    ``./data`` are searched. Never downloads unless given a hub id.
+    ``dataset`` is a built-in name (see :func:`~timm_local.data.list_datasets`), a local folder, an HF
+    hub id (``hf-hub:owner/name``) or timm's map-style spec ``hfds/NAME`` (``data_dir``: its cache folder);
+    ``None`` means the default dataset. For a named dataset, ``data_dir`` is where its files are (any
+    supported format, or ``hf-hub:ID``); without it ``$TIMM_LOCAL_DATA_DIR`` and ``./data`` are searched.
+    Never downloads unless given a hub id (``hfds/`` names one too, as timm does).
     """
     dataset = dataset or DEFAULT_DATASET
+    if spec_prefix(dataset) in MAP_PREFIXES:
+        return read_timm_map(dataset, data_dir, image_column, label_column)
     key = normalise_name(dataset)
     if key in RECIPES:
         splits = _named(RECIPES[key], data_dir, image_column, label_column)

@@ -40,17 +40,23 @@ def isolated_rng(seed: int) -> Iterator[None]:
 class SeededTransformDataset(Dataset):
     """Applies ``transform`` to ``source[i]`` with an RNG seeded by ``(seed, epoch, i)``.
 
-    Call :meth:`set_epoch` before each epoch (the training loop does) so that epochs differ.
+    Call :meth:`set_epoch` before each epoch (the training loop does) so that epochs differ. The epoch
+    lives in shared memory, so loader workers that persist across epochs (``persistent_workers``: no
+    re-spawn and re-import per epoch) see the new value too.
     """
 
     def __init__(self, source: ImageSource, transform: Callable, seed: int = 0, epoch: int = 0) -> None:
         self.source = source
         self.transform = transform
         self.seed = int(seed)
-        self.epoch = int(epoch)
+        self.shared_epoch = torch.full((), int(epoch), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self.shared_epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self.shared_epoch.fill_(int(epoch))
 
     def __len__(self) -> int:
         return len(self.source)

@@ -5,7 +5,6 @@ where the data came from.
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
@@ -15,7 +14,7 @@ from PIL import Image
 from .recipes import DatasetRecipe
 
 __all__ = ["ArraySource", "CorruptImageError", "DatasetNotFoundError", "HFSource", "IMAGE_EXTENSIONS", "ImageSource",
-           "ImageSplits", "TEST_SPLIT_NAMES", "TorchvisionSource", "detect_hf_columns", "image_file_sizes"]
+           "ImageSplits", "TEST_SPLIT_NAMES", "TorchvisionSource", "detect_hf_columns"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 #: Names a held-out split goes by, in order of preference.
@@ -110,6 +109,10 @@ class HFSource:
             img = Image.fromarray(np.asarray(img))
         return img, int(row[self.label_column])
 
+    def label_values(self) -> np.ndarray:
+        """Every label, read from the label column alone: no image is decoded."""
+        return np.asarray(self.dataset.select_columns([self.label_column]).with_format("numpy")[self.label_column])
+
     def class_names(self) -> Optional[list[str]]:
         feature = self.dataset.features[self.label_column]
         return list(feature.names) if hasattr(feature, "names") else None
@@ -131,25 +134,3 @@ def detect_hf_columns(dataset: Any, image_column: Optional[str], label_column: O
         raise ValueError(f"Could not find the image/label columns in features {list(features)}; set "
                          f"image_column / label_column in the config.")
     return image_column, label_column
-
-
-def image_file_sizes(source: ImageSource) -> Optional[Counter]:
-    """``(width, height) -> count`` of an image-folder source, every file opened and verified (PIL's
-    ``verify`` reads the file without decoding it), or None for sources that are not files.
-
-    Why at start: a file that is not an image, or is cut short, is then an error naming it before the run
-    writes anything, instead of a decoder error in the middle of an epoch.
-    """
-    samples = getattr(getattr(source, "dataset", None), "samples", None)
-    if samples is None:
-        return None
-    sizes: Counter = Counter()
-    for path, _ in samples:
-        try:
-            with Image.open(path) as img:
-                sizes[img.size] += 1
-                img.verify()
-        except Exception as e:  # UnidentifiedImageError, truncation, broken chunks: the file is unusable
-            raise CorruptImageError(f"{path} is not a readable image ({type(e).__name__}: {e}); replace or remove "
-                                    f"the file") from e
-    return sizes

@@ -25,16 +25,22 @@ def expand_stats(values: Sequence[float], in_chans: int) -> tuple[float, ...]:
 
 def build_transform(recipe: DatasetRecipe, image_size: int, in_chans: int, is_training: bool, augment: bool = True,
                     mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-                    extra: Optional[Mapping[str, Any]] = None) -> Callable:
+                    normalize: bool = True, extra: Optional[Mapping[str, Any]] = None) -> Callable:
     """The paper's transform for ``recipe`` at ``image_size``, producing ``in_chans`` normalised channels.
 
     Grayscale images become 3 identical channels when the model wants 3 (PIL ``convert("RGB")``), which
-    is also why the dataset's 1-channel mean/std are replicated. ``extra`` holds a recipe's
+    is also why the dataset's 1-channel mean/std are replicated. ``normalize=False`` stops at the uint8
+    tensor (timm's ``use_prefetcher`` output): a quarter of the bytes through worker queues and the host-to-GPU
+    copy, with the float conversion and normalisation done on the device
+    (:class:`~timm_local.data.device_loader.DeviceBatches`, the same arithmetic). ``extra`` holds a recipe's
     ``timm.data.create_transform`` knobs (``auto_augment``, ``re_prob``, ``re_mode``, ``re_count``,
     ``color_jitter``): ImageNet-style data passes them to ``create_transform``; pad-and-crop data adds the
     same timm pieces around its own crop (:func:`timm_augmentations`).
     """
     extra = {k: v for k, v in (extra or {}).items() if v is not None}
+    if extra.get("re_prob") and not normalize and is_training and augment:  # timm would leave it to its prefetcher
+        raise ValueError("random erasing (--reprob) works on normalised images, and this run normalises on the "
+                         "device: add --no-device-normalize")
     from torchvision import transforms as T
 
     mean = expand_stats(mean if mean is not None else recipe.mean, in_chans)
@@ -51,6 +57,7 @@ def build_transform(recipe: DatasetRecipe, image_size: int, in_chans: int, is_tr
         tf = create_transform(
             input_size=(in_chans, image_size, image_size), is_training=train,
             interpolation=recipe.interpolation, mean=mean, std=std, crop_pct=recipe.crop_pct,
+            use_prefetcher=not normalize,
             **{"color_jitter": None, **(extra if train else {})},  # the paper: random-resized crop + flip only
         )
         return T.Compose([convert, tf])
@@ -67,7 +74,7 @@ def build_transform(recipe: DatasetRecipe, image_size: int, in_chans: int, is_tr
         if recipe.hflip:
             steps.append(T.RandomHorizontalFlip())
     before, after = timm_augmentations(extra, image_size, mean) if is_training and augment else ([], [])
-    steps += [*before, T.ToTensor(), T.Normalize(mean, std), *after]
+    steps += [*before, T.ToTensor(), T.Normalize(mean, std), *after] if normalize else [*before, T.PILToTensor()]
     return T.Compose(steps)
 
 

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar, Sequence, TypeVar
+from typing import ClassVar, Sequence, TypeVar
 
 import torch.nn as nn
 
-if TYPE_CHECKING:  # (partition imports this module)
-    from ..partition import BlockSpec, Partition
+from .spec import BlockSpec, PartitionView
 
 
 class FamilyAdapter(ABC):
@@ -48,7 +47,7 @@ class FamilyAdapter(ABC):
     ) -> nn.Module:
         """A new, untrained block of ``block``'s type and configuration: in_chs -> out_chs at ``stride``."""
 
-    def make_shaped_copy(self, partition: "Partition", index: int, source: "BlockSpec") -> nn.Module:
+    def make_shaped_copy(self, partition: PartitionView, index: int, source: BlockSpec) -> nn.Module:
         """For ``copy_rule == "shape"``: a fresh copy of block ``index`` fed with ``source``-shaped features."""
         raise NotImplementedError(f"the {self.name!r} family builds copies with make_block_like (copy_rule 'paper')")
 

@@ -7,7 +7,7 @@ learning-rate decay. It is the one per-model statement of "what a block is" that
 all its ~100 model modules, so the generic family cuts along it (docs/families.md says why it is
 preferred over ``feature_info`` and the feature extractors' module lists).
 
-A few models have no matcher; for them :func:`structural_groups` groups parameters by the
+A few models have no matcher; for them :func:`_structural_groups` groups parameters by the
 deepest indexed container element that holds at least two convolution / linear layers.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Optional
 import torch.nn as nn
 from timm.models._manipulate import group_parameters
 
-__all__ = ["compute_layers", "parameter_groups", "structural_groups"]
+__all__ = ["compute_layers", "parameter_groups"]
 
 _UNMATCHED = "\x00unmatched"  # a name no matcher matches: its group is timm's "everything else" group
 
@@ -41,7 +41,7 @@ def parameter_groups(model: nn.Module) -> dict[str, Optional[int]]:
         except Exception:  # a matcher that needs a configuration the model lacks
             spec = None
     if not spec:
-        return structural_groups(model)
+        return _structural_groups(model)
     names = [(n, p) for n, p in model.named_parameters()] + [(_UNMATCHED, None)]
     ids = group_parameters(_NamedList(names), spec, reverse=True)
     unmatched = ids.pop(_UNMATCHED)
@@ -58,7 +58,7 @@ class _NamedList:
         return iter(self.items)
 
 
-def structural_groups(model: nn.Module) -> dict[str, Optional[int]]:
+def _structural_groups(model: nn.Module) -> dict[str, Optional[int]]:
     """Fallback grouping: the deepest ``...<index>`` module on a parameter's path with >= 2 compute
     layers is its block; parameters on no such path are grouped by their top-level child."""
     modules = dict(model.named_modules())

@@ -13,16 +13,15 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # (partition imports the families)
-    from ..partition import BlockSpec
+from .spec import BlockSpec
 
-__all__ = ["ShapeProjection", "fresh_copy", "reinitialise"]
+__all__ = ["ShapeProjection", "fresh_copy"]
 
 
 def _model_init(model: nn.Module) -> Callable[[nn.Module], None] | None:
@@ -39,7 +38,7 @@ def _model_init(model: nn.Module) -> Callable[[nn.Module], None] | None:
     return None
 
 
-def reinitialise(module: nn.Module, model: nn.Module) -> None:
+def _reinitialise(module: nn.Module, model: nn.Module) -> None:
     """Re-draw every parameter (and reset running statistics) of ``module``, a copy of part of ``model``.
 
     In order: each submodule's own ``reset_parameters()`` (PyTorch layers, timm layers such as
@@ -83,37 +82,37 @@ def _is_constant(p: torch.Tensor) -> float | None:
 
 
 def fresh_copy(block: nn.Module, model: nn.Module) -> nn.Module:
-    """``block``'s architecture with new weights: a deep copy, re-initialised (:func:`reinitialise`).
+    """``block``'s architecture with new weights: a deep copy, re-initialised (:func:`_reinitialise`).
 
     Running the copy in eval mode on the primary's input gives the primary's output shape; nothing
     in it is shared with (or equal to a trained value of) the primary block.
     """
     clone = copy.deepcopy(block)
-    reinitialise(clone, model)
+    _reinitialise(clone, model)
     return clone
 
 
 #: At most this many leading (class / register) tokens are recognised, added or dropped by a projection.
-MAX_LEADING_TOKENS = 16
+_MAX_LEADING_TOKENS = 16
 
 
-def token_grid(tokens: int) -> tuple[int, tuple[int, int]] | None:
+def _token_grid(tokens: int) -> tuple[int, tuple[int, int]] | None:
     """(leading tokens, (side, side)): the fewest leading class / register tokens that leave a square
     grid of patch tokens (ViT: 197 = 1 + 14 x 14), or None."""
-    for leading in range(min(MAX_LEADING_TOKENS, tokens - 1) + 1):
+    for leading in range(min(_MAX_LEADING_TOKENS, tokens - 1) + 1):
         side = math.isqrt(tokens - leading)
         if side > 0 and side * side == tokens - leading:
             return leading, (side, side)
     return None
 
 
-def _grid(spec: "BlockSpec") -> tuple[int, tuple[int, int]] | None:
+def _grid(spec: BlockSpec) -> tuple[int, tuple[int, int]] | None:
     """(leading tokens, (H, W)) of a block output, or None for a token sequence without a grid."""
     if spec.layout == "NCHW":
         return 0, (spec.shape[1], spec.shape[2])
     if spec.layout == "NHWC":
         return 0, (spec.shape[0], spec.shape[1])
-    return token_grid(spec.shape[0])
+    return _token_grid(spec.shape[0])
 
 
 class ShapeProjection(nn.Module):
@@ -129,29 +128,36 @@ class ShapeProjection(nn.Module):
     square grid is mapped channel-wise only, its length adjusted by the same leading-token rule.
     """
 
-    def __init__(self, source: "BlockSpec", target: "BlockSpec") -> None:
+    def __init__(self, source: BlockSpec, target: BlockSpec) -> None:
         super().__init__()
         self.source_layout, self.target_layout = source.layout, target.layout
         src, tgt = _grid(source), _grid(target)
+        #: Spatial grids (H, W) of the source and target features; None when one side is a token
+        #: sequence without a grid, which is then mapped channel-wise only.
+        self.source_grid: tuple[int, int] | None = None
+        self.target_grid: tuple[int, int] | None = None
+        #: Leading class / register tokens of the source and target (0 for feature maps).
+        self.source_leading = self.target_leading = 0
+        #: Without grids: tokens to prepend (> 0, fresh learned ones) or to drop at the front (< 0).
+        self.length_change = 0
+        #: The integer subsampling between the grids, or None (equal grids, or an adaptive pool).
         self.stride: int | None = None
         if src is None or tgt is None:
             if not (source.layout == target.layout == "NLC"
-                    and abs(target.shape[0] - source.shape[0]) <= MAX_LEADING_TOKENS):
+                    and abs(target.shape[0] - source.shape[0]) <= _MAX_LEADING_TOKENS):
                 raise ValueError(
                     f"cannot project block {source.name!r}'s output {source.shape} ({source.layout}) to the "
                     f"input {target.shape} ({target.layout}) of a copy of the block after {target.name!r}: a "
                     "token sequence that is no square grid after a few class tokens cannot be resampled")
-            self.grids = None
-            self.leading = (0, target.shape[0] - source.shape[0])  # channel-wise, then adjust the length
+            self.length_change = target.shape[0] - source.shape[0]
+            fresh = self.length_change
         else:
-            (source_leading, source_grid), (target_leading, target_grid) = src, tgt
-            self.grids = (source_grid, target_grid)
-            self.leading = (source_leading, target_leading)
-            if source_grid != target_grid:
-                (h, w), (th, tw) = source_grid, target_grid
+            (self.source_leading, self.source_grid), (self.target_leading, self.target_grid) = src, tgt
+            fresh = self.target_leading - self.source_leading
+            if self.source_grid != self.target_grid:
+                (h, w), (th, tw) = self.source_grid, self.target_grid
                 if h % th == 0 and w % tw == 0 and h // th == w // tw:
                     self.stride = h // th
-        fresh = self.leading[1] - (0 if self.grids is None else min(self.leading))
         if target.layout == "NCHW":
             self.conv = nn.Conv2d(source.out_chs, target.out_chs, 1, stride=self.stride or 1, bias=False)
             self.norm = nn.BatchNorm2d(target.out_chs)
@@ -164,25 +170,24 @@ class ShapeProjection(nn.Module):
 
     def _with_leading(self, lead: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Tokens ``x`` behind the target's number of leading tokens (from ``lead``, then fresh ones)."""
-        want = self.leading[1]
+        want = self.target_leading
         lead = lead[:, :want]
         if lead.shape[1] < want:
             lead = torch.cat([self.tokens.expand(x.shape[0], -1, -1), lead], dim=1)
         return torch.cat([lead, x], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grids is None:  # channel-wise, length adjusted at the front
+        if self.source_grid is None or self.target_grid is None:  # channel-wise, length adjusted at the front
             x = self.linear(x)
-            extra = self.leading[1]
-            if extra > 0:
+            if self.length_change > 0:
                 return torch.cat([self.tokens.expand(x.shape[0], -1, -1), x], dim=1)
-            return x[:, -extra:] if extra < 0 else x
-        (h, w), target_grid = self.grids
-        lead = x[:, : self.leading[0]]
+            return x[:, -self.length_change:] if self.length_change < 0 else x
+        (h, w), target_grid = self.source_grid, self.target_grid
+        lead = x[:, : self.source_leading]
         if self.source_layout == "NHWC":
             x = x.permute(0, 3, 1, 2)
         elif self.source_layout == "NLC":
-            x = x[:, self.leading[0]:].transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+            x = x[:, self.source_leading:].transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
         if tuple(x.shape[-2:]) != target_grid and self.stride is None:
             x = F.adaptive_avg_pool2d(x, target_grid)
         if self.target_layout == "NCHW":
@@ -193,7 +198,7 @@ class ShapeProjection(nn.Module):
         if self.target_layout == "NHWC":
             return x
         x = x.flatten(1, 2)
-        if self.leading[1] == 0:
+        if self.target_leading == 0:
             return x
         lead = self.linear(lead) if self.source_layout == "NLC" else x[:, :0]
         return self._with_leading(lead, x)

@@ -22,7 +22,7 @@ stride has exactly the primary's architecture (checked block by block in the tes
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch.nn as nn
 from timm.models._efficientnet_blocks import (
@@ -38,7 +38,7 @@ from timm.models.efficientnet import EfficientNet
 from ._layers import act_layer_of, norm_layer_like, pad_type_of
 from ._registry import FamilyAdapter, register_family
 
-SUPPORTED_BLOCKS = (DepthwiseSeparableConv, InvertedResidual, EdgeResidual, ConvBnAct)
+_SUPPORTED_BLOCKS = (DepthwiseSeparableConv, InvertedResidual, EdgeResidual, ConvBnAct)
 
 
 def _group_size(conv: nn.Conv2d) -> int:
@@ -88,9 +88,9 @@ def _unsupported(model: nn.Module) -> Optional[str]:
     """Why this adapter cannot cut ``model`` (a block type it cannot copy), or None."""
     for i, stage in enumerate(model.blocks):
         for j, block in enumerate(stage):
-            if not isinstance(block, SUPPORTED_BLOCKS) or isinstance(block, CondConvResidual):
+            if not isinstance(block, _SUPPORTED_BLOCKS) or isinstance(block, CondConvResidual):
                 return (f"efficientnet adapter cannot cut blocks.{i}.{j}: {type(block).__name__} is not "
-                        f"supported (supported: {', '.join(c.__name__ for c in SUPPORTED_BLOCKS)}); "
+                        f"supported (supported: {', '.join(c.__name__ for c in _SUPPORTED_BLOCKS)}); "
                         "see docs/families.md to register an adapter that handles it")
             if getattr(block, "conv_s2d", None) is not None:
                 return f"efficientnet adapter cannot copy blocks.{i}.{j}: space-to-depth blocks are not supported"
@@ -125,95 +125,89 @@ class EfficientNetFamily(FamilyAdapter):
     ) -> nn.Module:
         pad_type = pad_type_of(model)
         if isinstance(block, nn.Sequential):  # the head conv: conv_head + bn2
-            conv, norm = block[0], block[1]
-            return ConvBnAct(
-                in_chs,
-                out_chs,
-                kernel_size=conv.kernel_size[0],
-                stride=stride,
-                dilation=conv.dilation[0],
-                group_size=_group_size(conv),
-                pad_type=pad_type,
-                act_layer=act_layer_of(norm),
-                norm_layer=norm_layer_like(norm, model),
-            )
-        if isinstance(block, InvertedResidual):
-            primary_in = block.conv_pw.in_channels
-            mid = block.conv_pw.out_channels
-            return InvertedResidual(
-                in_chs,
-                out_chs,
-                dw_kernel_size=block.conv_dw.kernel_size[0],
-                stride=stride,
-                dilation=block.conv_dw.dilation[0],
-                group_size=_group_size(block.conv_dw),
-                pad_type=pad_type,
-                noskip=_noskip(block, primary_in, block.conv_pwl.out_channels, _stride(block.conv_dw, block.aa)),
-                exp_ratio=mid / primary_in,
-                exp_kernel_size=block.conv_pw.kernel_size[0],
-                pw_kernel_size=block.conv_pwl.kernel_size[0],
-                act_layer=act_layer_of(block.bn1),
-                norm_layer=norm_layer_like(block.bn1, model),
-                aa_layer=_aa_layer(block.aa),
-                se_layer=_se_layer_like(block.se),
-            )
-        if isinstance(block, DepthwiseSeparableConv):
-            primary_in = block.conv_dw.in_channels
-            return DepthwiseSeparableConv(
-                in_chs,
-                out_chs,
-                dw_kernel_size=block.conv_dw.kernel_size[0],
-                stride=stride,
-                dilation=block.conv_dw.dilation[0],
-                group_size=_group_size(block.conv_dw),
-                pad_type=pad_type,
-                noskip=_noskip(block, primary_in, block.conv_pw.out_channels, _stride(block.conv_dw, block.aa)),
-                pw_kernel_size=block.conv_pw.kernel_size[0],
-                pw_act=block.has_pw_act,
-                act_layer=act_layer_of(block.bn1),
-                norm_layer=norm_layer_like(block.bn1, model),
-                aa_layer=_aa_layer(block.aa),
-                se_layer=_se_layer_like(block.se),
-            )
-        if isinstance(block, EdgeResidual):
-            primary_in = block.conv_exp.in_channels
-            return EdgeResidual(
-                in_chs,
-                out_chs,
-                exp_kernel_size=block.conv_exp.kernel_size[0],
-                stride=stride,
-                dilation=block.conv_exp.dilation[0],
-                # timm counts EdgeResidual groups on the expanded (output) width
-                group_size=0 if block.conv_exp.groups == 1 else block.conv_exp.out_channels // block.conv_exp.groups,
-                pad_type=pad_type,
-                noskip=_noskip(block, primary_in, block.conv_pwl.out_channels, _stride(block.conv_exp, block.aa)),
-                exp_ratio=block.conv_exp.out_channels / primary_in,
-                pw_kernel_size=block.conv_pwl.kernel_size[0],
-                act_layer=act_layer_of(block.bn1),
-                norm_layer=norm_layer_like(block.bn1, model),
-                aa_layer=_aa_layer(block.aa),
-                se_layer=_se_layer_like(block.se),
-            )
-        if isinstance(block, ConvBnAct):
-            primary_in = block.conv.in_channels
-            primary_out = block.conv.out_channels
-            primary_stride = _stride(block.conv, block.aa)
-            # A skip is only visible when the primary's shapes allow one; otherwise keep timm's default.
-            skip = block.has_skip if (primary_in == primary_out and primary_stride == 1) else False
-            return ConvBnAct(
-                in_chs,
-                out_chs,
-                kernel_size=block.conv.kernel_size[0],
-                stride=stride,
-                dilation=block.conv.dilation[0],
-                group_size=_group_size(block.conv),
-                pad_type=pad_type,
-                skip=skip,
-                act_layer=act_layer_of(block.bn1),
-                norm_layer=norm_layer_like(block.bn1, model),
-                aa_layer=_aa_layer(block.aa),
-            )
+            return ConvBnAct(in_chs, out_chs, stride=stride, pad_type=pad_type, **_head_conv_args(block, model))
+        for block_class, read_args in _COPY_ARGS.items():
+            if isinstance(block, block_class):
+                return block_class(in_chs, out_chs, stride=stride, pad_type=pad_type, **read_args(block, model))
         raise TypeError(
-            f"efficientnet adapter can copy {', '.join(c.__name__ for c in SUPPORTED_BLOCKS)} and the "
+            f"efficientnet adapter can copy {', '.join(c.__name__ for c in _SUPPORTED_BLOCKS)} and the "
             f"head conv, not {type(block).__name__}"
         )
+
+
+# Each reader returns the constructor arguments of its block class besides the widths, the stride
+# and the padding type, read back from the primary block.
+
+def _conv_args(conv: nn.Conv2d, kernel_arg: str) -> dict[str, Any]:
+    """Kernel size (under the block class's own keyword), dilation and group size of the main conv."""
+    return {kernel_arg: conv.kernel_size[0], "dilation": conv.dilation[0], "group_size": _group_size(conv)}
+
+
+def _layer_args(block: nn.Module, model: nn.Module) -> dict[str, Any]:
+    """Activation, norm and anti-aliasing layers of a block, from its first norm-act and its ``aa``."""
+    return {"act_layer": act_layer_of(block.bn1), "norm_layer": norm_layer_like(block.bn1, model),
+            "aa_layer": _aa_layer(block.aa)}
+
+
+def _head_conv_args(block: nn.Sequential, model: nn.Module) -> dict[str, Any]:
+    conv, norm = block[0], block[1]
+    return {**_conv_args(conv, "kernel_size"), "act_layer": act_layer_of(norm),
+            "norm_layer": norm_layer_like(norm, model)}
+
+
+def _inverted_residual_args(block: InvertedResidual, model: nn.Module) -> dict[str, Any]:
+    primary_in = block.conv_pw.in_channels
+    return {
+        **_conv_args(block.conv_dw, "dw_kernel_size"),
+        "noskip": _noskip(block, primary_in, block.conv_pwl.out_channels, _stride(block.conv_dw, block.aa)),
+        "exp_ratio": block.conv_pw.out_channels / primary_in,
+        "exp_kernel_size": block.conv_pw.kernel_size[0],
+        "pw_kernel_size": block.conv_pwl.kernel_size[0],
+        **_layer_args(block, model),
+        "se_layer": _se_layer_like(block.se),
+    }
+
+
+def _depthwise_separable_args(block: DepthwiseSeparableConv, model: nn.Module) -> dict[str, Any]:
+    primary_in = block.conv_dw.in_channels
+    return {
+        **_conv_args(block.conv_dw, "dw_kernel_size"),
+        "noskip": _noskip(block, primary_in, block.conv_pw.out_channels, _stride(block.conv_dw, block.aa)),
+        "pw_kernel_size": block.conv_pw.kernel_size[0],
+        "pw_act": block.has_pw_act,
+        **_layer_args(block, model),
+        "se_layer": _se_layer_like(block.se),
+    }
+
+
+def _edge_residual_args(block: EdgeResidual, model: nn.Module) -> dict[str, Any]:
+    primary_in = block.conv_exp.in_channels
+    conv_exp = block.conv_exp
+    return {
+        **_conv_args(conv_exp, "exp_kernel_size"),
+        # timm counts EdgeResidual groups on the expanded (output) width
+        "group_size": 0 if conv_exp.groups == 1 else conv_exp.out_channels // conv_exp.groups,
+        "noskip": _noskip(block, primary_in, block.conv_pwl.out_channels, _stride(conv_exp, block.aa)),
+        "exp_ratio": conv_exp.out_channels / primary_in,
+        "pw_kernel_size": block.conv_pwl.kernel_size[0],
+        **_layer_args(block, model),
+        "se_layer": _se_layer_like(block.se),
+    }
+
+
+def _conv_bn_act_args(block: ConvBnAct, model: nn.Module) -> dict[str, Any]:
+    primary_in, primary_out = block.conv.in_channels, block.conv.out_channels
+    # A skip is only visible when the primary's shapes allow one; otherwise keep timm's default.
+    allows_skip = primary_in == primary_out and _stride(block.conv, block.aa) == 1
+    return {**_conv_args(block.conv, "kernel_size"), "skip": block.has_skip if allows_skip else False,
+            **_layer_args(block, model)}
+
+
+#: timm block class -> the reader of its constructor arguments (checked in this order, as a subclass
+#: of one is copied as that class).
+_COPY_ARGS: dict[type[nn.Module], Callable[[Any, nn.Module], dict[str, Any]]] = {
+    InvertedResidual: _inverted_residual_args,
+    DepthwiseSeparableConv: _depthwise_separable_args,
+    EdgeResidual: _edge_residual_args,
+    ConvBnAct: _conv_bn_act_args,
+}

@@ -20,17 +20,13 @@ import torch.fx as fx
 import torch.nn as nn
 from timm.layers import get_notrace_functions
 
+from .spec import first_line
+
 __all__ = ["TraceFailure", "first_line", "inline_call", "trace_method", "training_mode"]
 
 
 class TraceFailure(RuntimeError):
     """The method could not be recorded as glue code around module calls (the reason is the message)."""
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message, for a one-line error that names it ("" if it has none)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""
 
 
 class _GlueTracer(fx.Tracer):

@@ -9,7 +9,7 @@ block types hands the model over (``supports``). The cut is :func:`~.graph_cut.c
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch.nn as nn
 
@@ -17,9 +17,7 @@ from ._registry import FamilyAdapter, register_family, unsupported_message
 from .copies import ShapeProjection, fresh_copy
 from .fx_trace import TraceFailure
 from .graph_cut import cut_forward_features
-
-if TYPE_CHECKING:
-    from ..partition import BlockSpec, Partition
+from .spec import BlockSpec, PartitionView
 
 
 @register_family
@@ -55,7 +53,7 @@ class GenericFamily(FamilyAdapter):
             "Partition.make_shaped_copy(index, source_spec), not with a width and a stride"
         )
 
-    def make_shaped_copy(self, partition: "Partition", index: int, source: "BlockSpec") -> nn.Module:
+    def make_shaped_copy(self, partition: PartitionView, index: int, source: BlockSpec) -> nn.Module:
         """Block ``index`` re-initialised, behind a projection when ``source`` is not its input shape."""
         expected = partition.specs[index - 1]  # what block ``index`` is fed in the primary network
         block = fresh_copy(partition.blocks[index], partition.model)

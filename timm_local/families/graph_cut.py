@@ -16,27 +16,29 @@ Three facts are combined, each from timm or from the model itself:
 
 Blocks with no convolution or linear layer (a lone final norm) join the block before them; a
 segment with a single one (a stage's downsampling conv, a patch merging) joins the block after
-it, as the stage-level modules of the specific families do. Each local block is the model's own
-module when it is exactly one module call, an ``nn.Sequential`` of the model's modules when it is
-a plain chain of calls, and otherwise an ``fx.GraphModule`` holding only the modules and
-parameters it uses (never the model itself).
+it, as the stage-level modules of the specific families do (:mod:`.merge_rules`). Each local
+block is the model's own module when it is exactly one module call, an ``nn.Sequential`` of the
+model's modules when it is a plain chain of calls, and otherwise an ``fx.GraphModule`` holding
+only the modules and parameters it uses (never the model itself).
 """
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .block_groups import compute_layers, parameter_groups
+from .block_groups import parameter_groups
 from .fx_trace import TraceFailure, inline_call, trace_method
+from .merge_rules import merge_segments, node_parameters, segment_of
 from .probe_values import ProbeValues, check_input_shape
 
 __all__ = ["cut_forward_features"]
 
-NamedBlocks = list[tuple[str, nn.Module]]
+_NamedBlocks = list[tuple[str, nn.Module]]
 
 
 class _Tracked:
@@ -68,11 +70,7 @@ class _Tracked:
         return {g for g in (self.param_group.get(id(p)) for p in params) if g is not None}
 
     def params(self, node: fx.Node) -> set[int]:
-        if node.op == "call_module":
-            return {id(p) for p in self.obj(node).parameters()}
-        if node.op == "get_attr" and isinstance(self.obj(node), nn.Parameter):
-            return {id(self.obj(node))}
-        return set()
+        return node_parameters(node, self.obj)
 
     # ------------------------------------------------------------------ container expansion
     def _expand(self) -> None:
@@ -101,6 +99,17 @@ def _resolve(root: nn.Module, target: str) -> Any:
     return obj
 
 
+@dataclass
+class _NodeFacts:
+    """What the cut needs to know about one node of the traced graph."""
+
+    position: int  # in the body (the input is -1, the output one past the last body node)
+    depends: bool = False  # computed from the input
+    valued: bool = False  # from the input's values, not only from its shape
+    carries: bool = False  # holds a parameter: uses one, or is computed from one without reading a shape
+    last_use: int = -1  # position of the last node that reads it
+
+
 class _Cutter:
     """Single-tensor cut points of the tracked graph and the segments between them."""
 
@@ -117,19 +126,17 @@ class _Cutter:
                 f"{type(tracked.model).__name__}.forward_features returns a {kind} of "
                 f"{len(self.output.args[0])} tensors, not one tensor")
         self.body = [n for n in nodes if n.op not in ("placeholder", "output")]
-        self.index = {n: i for i, n in enumerate(self.body)}
-        self.index[self.input] = -1
-        self.index[self.output] = len(self.body)
-        # depends: computed from the input; valued: from the input's values, not only from its shape
-        self.depends: dict[fx.Node, bool] = {self.input: True}
-        self.valued: dict[fx.Node, bool] = {self.input: True}
-        self.carries: dict[fx.Node, bool] = {self.input: False}
+        self.facts = {n: _NodeFacts(i) for i, n in enumerate(self.body)}
+        self.facts[self.input] = _NodeFacts(-1, depends=True, valued=True)
+        self.facts[self.output] = _NodeFacts(len(self.body))
         for n in self.body:
-            inputs = n.all_input_nodes
-            self.depends[n] = any(self.depends[a] for a in inputs)
-            self.valued[n] = not _reads_shape(n) and any(self.valued[a] for a in inputs)
-            self.carries[n] = bool(tracked.params(n)) or (not _reads_shape(n) and any(self.carries[a] for a in inputs))
-        self.last_use = {n: max((self.index[u] for u in n.users), default=-1) for n in [self.input, *self.body]}
+            inputs = [self.facts[a] for a in n.all_input_nodes]
+            facts = self.facts[n]
+            facts.depends = any(a.depends for a in inputs)
+            facts.valued = not _reads_shape(n) and any(a.valued for a in inputs)
+            facts.carries = bool(tracked.params(n)) or (not _reads_shape(n) and any(a.carries for a in inputs))
+        for n in [self.input, *self.body]:
+            self.facts[n].last_use = max((self.facts[u].position for u in n.users), default=-1)
 
     def probe(self) -> ProbeValues:
         if self._probe is None:
@@ -144,11 +151,11 @@ class _Cutter:
         input's *shape* alone (a rotary embedding for the token grid, a grid size: fixed at the probe
         size, see :class:`~.probe_values.ProbeValues`) may be live, and none of them may hold a parameter.
         """
-        live = [n for n in [self.input, *self.body[: p + 1]] if self.last_use[n] > p]
-        if any(self.carries[n] for n in live if not self.depends[n]):
+        live = [n for n in [self.input, *self.body[: p + 1]] if self.facts[n].last_use > p]
+        if any(self.facts[n].carries for n in live if not self.facts[n].depends):
             return None  # a parameter used on both sides
-        dependent = [n for n in live if self.depends[n]]
-        if len(dependent) == 1 and self.valued[dependent[0]]:
+        dependent = [n for n in live if self.facts[n].depends]
+        if len(dependent) == 1 and self.facts[dependent[0]].valued:
             return None if _unpacked(dependent[0]) else dependent[0]
         rest = [n for n in dependent if not self.fixable(n)]
         if len(rest) != 1 or rest[0].name not in self.probe().shapes:
@@ -166,7 +173,7 @@ class _Cutter:
         if not probe.fixed(node):
             return False
         if node.name in probe.shapes:  # a tensor
-            return not self.valued[node] and not self.carries[node]
+            return not self.facts[node].valued and not self.facts[node].carries
         return True
 
     def segments(self) -> list[tuple[int, int]]:
@@ -196,7 +203,7 @@ class _Cutter:
                         spans.setdefault(merged, []).append(i)
                 groups = {merged}
             for g in groups:
-                spans.setdefault(g, []).append(self.index[n])
+                spans.setdefault(g, []).append(self.facts[n].position)
         ordered = sorted((min(v), max(v)) for v in spans.values())
         merged_spans: list[tuple[int, int]] = []
         for first, end in ordered:
@@ -208,35 +215,12 @@ class _Cutter:
 
     def _merge_structural(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Join what is not a block to its neighbour, and segments that share a parameter."""
-        def compute(r: tuple[int, int]) -> int:
-            return sum(compute_layers(self.t.obj(n)) for n in self.body[r[0]: r[1] + 1] if n.op == "call_module")
-
-        def params(r: tuple[int, int]) -> set[int]:
-            return set().union(*(self.t.params(n) for n in self.body[r[0]: r[1] + 1]))
-
-        changed = True
-        while changed and len(ranges) > 1:
-            changed = False
-            for k, r in enumerate(ranges):
-                c = compute(r)
-                if k == 0 and c == 0:
-                    ranges[0:2] = [(ranges[0][0], ranges[1][1])]
-                elif k > 0 and (c == 0 or (c == 1 and k == len(ranges) - 1)):
-                    ranges[k - 1:k + 1] = [(ranges[k - 1][0], r[1])]
-                elif k > 0 and c == 1:
-                    ranges[k:k + 2] = [(r[0], ranges[k + 1][1])]
-                else:
-                    shared = [j for j in range(k + 1, len(ranges)) if params(r) & params(ranges[j])]
-                    if not shared:
-                        continue
-                    ranges[k:shared[-1] + 1] = [(r[0], ranges[shared[-1]][1])]
-                changed = True
-                break
-        return ranges
+        segments = merge_segments([segment_of(self.body, a, b, self.t.obj) for a, b in ranges])
+        return [(s.first, s.last) for s in segments]
 
     # ------------------------------------------------------------------ building the blocks
-    def build(self, ranges: list[tuple[int, int]]) -> NamedBlocks:
-        blocks: NamedBlocks = []
+    def build(self, ranges: list[tuple[int, int]]) -> _NamedBlocks:
+        blocks: _NamedBlocks = []
         for k, (a, b) in enumerate(ranges):
             source = self.input if k == 0 else self.crossing(a - 1)
             result = self.output.args[0] if k == len(ranges) - 1 else self.crossing(b)
@@ -308,14 +292,16 @@ class _Cutter:
             n = stack.pop()
             if n in seen or n in fixed or n is source:
                 continue
-            if self.index[n] < start and self.depends[n] and self.fixable(n):
+            if self.facts[n].position < start and self.facts[n].depends and self.fixable(n):
                 fixed.add(n)
                 continue
             if n is self.input:
                 raise TraceFailure("a block needs the network input besides the previous block's output")
             seen.add(n)
             stack.extend(n.all_input_nodes)
-        order = self.index.__getitem__
+        def order(n: fx.Node) -> int:
+            return self.facts[n].position
+
         return sorted(seen, key=order), sorted(fixed, key=order)
 
 
@@ -332,7 +318,7 @@ def _reads_shape(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("size", "dim")
 
 
-def cut_forward_features(model: nn.Module, input_size: Sequence[int]) -> NamedBlocks:
+def cut_forward_features(model: nn.Module, input_size: Sequence[int]) -> _NamedBlocks:
     """(name, module) of the local blocks of ``model`` for ``(C, H, W)`` inputs; raises
     :class:`TraceFailure` with the reason when it cannot cut the model."""
     cutter = _Cutter(_Tracked(model, input_size), input_size)
@@ -347,4 +333,5 @@ def cut_forward_features(model: nn.Module, input_size: Sequence[int]) -> NamedBl
             "its blocks (its blocks pass several tensors to each other), so it is one local block"
         )
     return cutter.build(ranges)
+
 

@@ -14,7 +14,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .fx_trace import TraceFailure, first_line, training_mode
+from .fx_trace import TraceFailure, training_mode
+from .spec import first_line, run_on_probe
 
 __all__ = ["ProbeValues", "check_input_shape"]
 
@@ -37,8 +38,6 @@ class ProbeValues:
     """
 
     def __init__(self, model: nn.Module, graph: fx.Graph, root: dict[str, Any], input_size: Sequence[int]) -> None:
-        from ..partition import run_on_probe  # (the partition module imports the families)
-
         module = fx.GraphModule(root, graph)
         param = next(model.parameters())
         runs = []

@@ -23,9 +23,10 @@ from .checkpoint import register_for_checkpointing
 from .metrics import tracker_names
 from .state import TrainState
 
-__all__ = ["Schedule", "apply_speed_options", "augmentation_options", "build_backbone", "build_local_model", "check_precision",
-           "eval_batch_size", "freeze_batchnorm", "has_accelerator", "make_accelerator", "make_loader", "method_kwargs",
-           "prepare_optimization", "restart_schedule", "run_datasets", "settled_by_accelerate"]
+__all__ = ["Schedule", "apply_speed_options", "augmentation_options", "build_backbone", "build_local_model",
+           "check_precision", "device_batches", "eval_batch_size", "freeze_batchnorm", "has_accelerator",
+           "make_accelerator", "make_loader", "method_kwargs", "normalize_on_device", "prepare_optimization",
+           "restart_schedule", "run_datasets", "settled_by_accelerate", "tune_convolutions"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Any:
         mixed_precision=cfg.mixed_precision,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=cfg.seed),
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=cfg.seed,
+                                                  non_blocking=torch.cuda.is_available() and not cpu),
         step_scheduler_with_optimizer=False,
     )
 
@@ -176,19 +178,34 @@ def apply_speed_options(cfg: TrainConfig, lm: Any) -> None:
         logger.info("compiling %d blocks and heads with %s (the first steps compile)", count, cfg.torchcompile)
 
 
-def run_datasets(cfg: TrainConfig) -> tuple[Any, Any, DataConfig]:
-    """The train and test sets of a run, exactly as its config describes them (both engines, diagnostics)."""
+def normalize_on_device(cfg: TrainConfig, device: Any) -> bool:
+    """Whether batches travel as uint8 and are normalised on ``device`` (:mod:`timm_local.data.device_loader`).
+
+    On a GPU by default (``--device-normalize`` forces it either way): the workers' CPU time and the copy are
+    what starve a GPU. On the CPU the workers normalising in parallel is the faster place. The results are
+    bitwise the same either way.
+    """
+    if cfg.device_normalize is not None:
+        return bool(cfg.device_normalize)
+    return torch.device(device).type == "cuda"
+
+
+def run_datasets(cfg: TrainConfig, normalize: bool = True) -> tuple[Any, Any, DataConfig]:
+    """The train and test sets of a run, exactly as its config describes them (both engines, diagnostics);
+    ``normalize=False``: uint8 images, for :func:`device_batches`."""
     try:
         train_set, test_set, data = create_datasets(
             cfg.dataset, cfg.data_dir, image_size=cfg.image_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
             augment=cfg.augment, seed=cfg.seed, mean=cfg.mean, std=cfg.std, image_column=cfg.image_column,
-            label_column=cfg.label_column, augmentation=augmentation_options(cfg))
+            label_column=cfg.label_column, model=cfg.model, model_kwargs=cfg.model_kwargs, normalize=normalize,
+            streaming=cfg.streaming, batch_size=cfg.batch_size, workers=cfg.workers,
+            augmentation=augmentation_options(cfg))
     except CorruptImageError:
         raise
     except ValueError as e:  # a dataset that does not fit the run's settings (classes, columns, layout)
         raise ConfigError(str(e)) from e
-    if len(train_set) < cfg.batch_size:
-        raise ConfigError(f"the training set has {len(train_set)} images, fewer than one batch ({cfg.batch_size}); "
+    if data.train_size < cfg.batch_size:
+        raise ConfigError(f"the training set has {data.train_size} images, fewer than one batch ({cfg.batch_size}); "
                          f"lower --batch-size")
     return train_set, test_set, data
 
@@ -207,14 +224,39 @@ def eval_batch_size(cfg: TrainConfig, world: int) -> int:
 
 def make_loader(dataset: Any, batch_size: int, cfg: TrainConfig, shuffle: bool = False, drop_last: bool = False,
                 sampler: Optional[Any] = None) -> Any:
-    """A DataLoader with its own generator: loader seeding never consumes the global RNG (resume stays exact)."""
+    """A DataLoader with its own generator: loader seeding never consumes the global RNG (resume stays exact).
+
+    Workers persist across epochs (no re-spawn, no re-import each epoch) where the dataset's epoch reaches
+    them: :class:`~timm_local.data.SeededTransformDataset` keeps it in shared memory.
+    """
     from torch.utils.data import DataLoader
 
+    persistent = cfg.workers > 0 and isinstance(getattr(dataset, "shared_epoch", None), torch.Tensor)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=drop_last,
-        num_workers=cfg.workers, pin_memory=torch.cuda.is_available(), persistent_workers=False,
+        num_workers=cfg.workers, pin_memory=torch.cuda.is_available(), persistent_workers=persistent,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
+
+
+def device_batches(loader: Any, data: DataConfig, device: Any, on_device: bool, move: bool = False) -> Any:
+    """``loader`` as the model takes it: unchanged when the workers normalise (and, ``move=False``, Accelerate
+    places the batches), else uint8 batches copied asynchronously and, ``on_device``, normalised on ``device``
+    (:class:`~timm_local.data.DeviceBatches`)."""
+    if not (on_device or move):
+        return loader
+    from ..data import DeviceBatches
+
+    return DeviceBatches(loader, data.mean, data.std, device, normalize=on_device)
+
+
+def tune_convolutions(device: Any) -> None:
+    """cuDNN's autotuner on a GPU: every training batch has the same shape (square crops, ``drop_last``), so
+    the fastest convolution algorithms are searched once. Left off where the user asked for deterministic
+    algorithms (the search may pick different ones run to run)."""
+    if torch.device(device).type == "cuda" and not torch.are_deterministic_algorithms_enabled() \
+            and not torch.backends.cudnn.deterministic:
+        torch.backends.cudnn.benchmark = True
 
 
 class Schedule:

@@ -18,12 +18,15 @@ __all__ = ["epoch_line", "memory_route_line", "start_line"]
 
 
 def start_line(cfg: TrainConfig, data: Any, lm: Any, output_dir: Path, world: int, default_dataset: bool) -> str:
-    """One line: model, method with its settings, the data (and whether it is the default), processes, folder."""
+    """One line: model, method with its settings, the data (and whether it is the default; what decided its input
+    size), processes, folder."""
     settings = ", ".join(f"{k}={v}" for k, v in lm.method_config.items() if k in ("aux_depth", "tau"))
     dataset = (f"{data.dataset} (the default; --dataset chooses yours)" if default_dataset else data.dataset)
+    size_source = f" (size from {data.size_source})" if getattr(data, "size_source", "") else ""
     return (f"training {cfg.model} with {lm.method_name}{f' ({settings})' if settings else ''} on {dataset}: "
             f"{data.train_size} train / {data.test_size} test images, {data.num_classes} classes, "
-            f"{data.in_chans}x{data.image_size}x{data.image_size}; {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} "
+            f"{data.in_chans}x{data.image_size}x{data.image_size}{size_source}; "
+            f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} "
             f"of batch {cfg.batch_size}"
             f"{f' ({cfg.grad_accum_steps} accumulated micro-batches)' if (cfg.grad_accum_steps or 1) > 1 else ''} "
             f"on {world} process{'es' if world > 1 else ''}, mixed precision {cfg.mixed_precision}; "

@@ -24,8 +24,9 @@ from ..config import CONFIG_NAME, SCHEDULE_KEYS, TrainConfig, validate_config
 from ..distributed import RollCall
 from ..export import to_jsonable
 from ..memory import peak_memory_across_processes, reset_peak_memory
-from .builders import (build_local_model, check_precision, eval_batch_size, freeze_batchnorm, make_accelerator,
-                       make_loader, prepare_optimization, restart_schedule, run_datasets, settled_by_accelerate)
+from .builders import (build_local_model, check_precision, device_batches, eval_batch_size, freeze_batchnorm,
+                       make_accelerator, make_loader, normalize_on_device, prepare_optimization, restart_schedule,
+                       run_datasets, settled_by_accelerate, tune_convolutions)
 from .checkpoint import latest_checkpoint, save_checkpoint
 from .console import epoch_line, memory_route_line, start_line
 from .evaluate import evaluate
@@ -77,8 +78,11 @@ def fit(cfg: TrainConfig, runner: Runner) -> TrainResult:
     resume_from = resolve_resume(cfg, output_dir)
     set_seed(cfg.seed)
 
-    train_set, test_set, data = run_datasets(cfg)
-    test_loader = accelerator.prepare(make_loader(test_set, eval_batch_size(cfg, world), cfg))
+    on_device = normalize_on_device(cfg, accelerator.device)
+    tune_convolutions(accelerator.device)
+    train_set, test_set, data = run_datasets(cfg, normalize=not on_device)
+    test_loader = device_batches(accelerator.prepare(make_loader(test_set, eval_batch_size(cfg, world), cfg)), data,
+                                 accelerator.device, on_device)
     # a resume takes its weights from the checkpoint, not from the run's starting weights (which may be gone)
     fresh = dataclasses.replace(cfg, pretrained=False, initial_checkpoint=None)
     lm = build_local_model(cfg if resume_from is None else fresh, data).to(accelerator.device)

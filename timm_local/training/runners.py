@@ -18,14 +18,16 @@ from datetime import timedelta
 from typing import Any, Iterable, Iterator, Optional, Protocol
 
 import torch
+from torch.utils.data import IterableDataset
 
 from ..config import ConfigError, TrainConfig
 from ..data import DataConfig
 from ..distributed import average_gradients
-from .builders import apply_speed_options, make_loader
+from .builders import apply_speed_options, device_batches, make_loader, normalize_on_device
+from .samplers import ResumableDistributedSampler
 
 __all__ = ["PipelineRunner", "RUNNERS", "Runner", "SequentialRunner", "make_runner", "micro_batch_groups",
-           "pipeline_layout"]
+           "pipeline_layout", "stream_batches"]
 
 
 class Runner(Protocol):
@@ -90,10 +92,17 @@ class SequentialRunner:
     def attach(self, accelerator: Any, lm: Any, train_set: Any, data: DataConfig) -> None:
         from accelerate.utils import broadcast
 
-        self.accelerator, self.lm, self.train_set = accelerator, lm, train_set
-        loader = make_loader(train_set, self.cfg.batch_size // self.accum, self.cfg, shuffle=True, drop_last=True)
-        self.loader = accelerator.prepare(loader)  # shards the global batch (split_batches)
-        self.steps_per_epoch = len(self.loader) // self.accum
+        self.accelerator, self.lm, self.train_set, self.data = accelerator, lm, train_set, data
+        self.on_device = normalize_on_device(self.cfg, accelerator.device)
+        self.stream = isinstance(train_set, IterableDataset)
+        if self.stream:  # the stream shards itself over processes and workers: each reads its own batches
+            self.loader = make_loader(train_set, self.per_process_batch, self.cfg)
+            self.steps_per_epoch = train_set.num_samples // self.cfg.batch_size
+        else:
+            loader = make_loader(train_set, self.cfg.batch_size // self.accum, self.cfg, shuffle=True,
+                                 drop_last=True)
+            self.loader = accelerator.prepare(loader)  # shards the global batch (split_batches)
+            self.steps_per_epoch = len(self.loader) // self.accum
         broadcast(list(lm.state_dict().values()), from_process=0)  # DDP's start-up broadcast
         apply_speed_options(self.cfg, lm)  # after the broadcast: it sends contiguous tensors only
         self.params = [p for p in lm.parameters() if p.requires_grad]
@@ -103,11 +112,16 @@ class SequentialRunner:
 
     def batches(self, epoch: int, skip: int) -> Iterable[list[tuple[Any, Any]]]:
         self.train_set.set_epoch(epoch)
+        if self.stream:
+            loader = device_batches(self.loader, self.data, self.accelerator.device, self.on_device, move=True)
+            return micro_batch_groups(stream_batches(loader, self.steps_per_epoch * self.accum, skip * self.accum),
+                                      self.accum, self.steps_per_epoch - skip)
         self.loader.set_epoch(epoch)
         loader = self.loader
-        if skip:
+        if skip:  # at the batch-sampler level: the skipped batches are never read or decoded
             loader = self.accelerator.skip_first_batches(self.loader, skip * self.accum)
             loader.set_epoch(epoch)
+        loader = device_batches(loader, self.data, self.accelerator.device, self.on_device)
         return micro_batch_groups(loader, self.accum, self.steps_per_epoch - skip)
 
     def step(self, x: Any, y: Any, sync: bool = True) -> dict[str, torch.Tensor]:
@@ -175,11 +189,13 @@ class PipelineRunner:
         self.label = f" pipeline W={self.segments} R={self.replicas}"
 
     def attach(self, accelerator: Any, lm: Any, train_set: Any, data: DataConfig) -> None:
-        from torch.utils.data import DistributedSampler
-
         from ..engine import PipelineTrainer
 
-        self.accelerator, self.lm, self.train_set = accelerator, lm, train_set
+        self.accelerator, self.lm, self.train_set, self.data = accelerator, lm, train_set, data
+        self.on_device = normalize_on_device(self.cfg, accelerator.device)
+        if isinstance(train_set, IterableDataset):
+            raise ValueError("--engine pipeline reads map-style datasets (its replicas share one sampler order); "
+                             "train a stream (wds/, hfids/, --streaming) with --engine sequential")
         apply_speed_options(self.cfg, lm)
         self.steps_per_epoch = len(train_set) // self.cfg.batch_size
         self.trainer = PipelineTrainer(
@@ -189,8 +205,8 @@ class PipelineRunner:
             timeout=timedelta(seconds=self.cfg.collective_timeout))
         self.loader = None
         if self.trainer.is_first:
-            sampler = DistributedSampler(train_set, num_replicas=self.replicas, rank=self.trainer.replica,
-                                         shuffle=True, seed=self.cfg.seed, drop_last=True)
+            sampler = ResumableDistributedSampler(train_set, num_replicas=self.replicas, rank=self.trainer.replica,
+                                                  shuffle=True, seed=self.cfg.seed, drop_last=True)
             self.loader = make_loader(train_set, self.per_process_batch, self.cfg, drop_last=True, sampler=sampler)
         self.owned = self.trainer.owned_parameters()
 
@@ -202,8 +218,10 @@ class PipelineRunner:
         if self.loader is not None:
             self.train_set.set_epoch(epoch)
             self.loader.sampler.set_epoch(epoch)
-            # mid-epoch resume: the order is a function of (seed, epoch), so skipping re-reads the same batches
-            loader = itertools.islice(self.loader, skip * self.accum, None)
+            # mid-epoch resume: the order is a function of (seed, epoch); the sampler drops the consumed
+            # batches' indices, so they are never read or decoded
+            self.loader.sampler.skip = skip * self.accum * self.per_process_batch
+            loader = device_batches(self.loader, self.data, self.accelerator.device, self.on_device)
         steps = self.steps_per_epoch - skip
         return micro_batch_groups(self.trainer.iterate(loader, steps=steps * self.accum), self.accum, steps)
 
@@ -235,6 +253,24 @@ def micro_batch_groups(batches: Iterable[tuple[Any, Any]], accum: int, steps: in
         if len(group) < accum:
             return
         yield group
+
+
+def stream_batches(loader: Iterable[Any], steps: int, skip: int) -> Iterator[Any]:
+    """Batches ``skip`` to ``steps`` of an epoch of a stream: the consumed ones are read and dropped (a stream
+    has no index to skip by; the resume rule of :mod:`timm_local.data.streams`), and a process whose shards
+    ran short starts them again, so every process takes the same number of steps."""
+    done = 0
+    while done < steps:
+        before = done
+        for batch in loader:
+            if done >= skip:
+                yield batch
+            done += 1
+            if done == steps:
+                return
+        if done == before:
+            raise RuntimeError("the stream yielded no batch on this process: fewer shards than processes x workers "
+                               "(lower --workers or write more shards)")
 
 
 #: Runner class by ``--engine``.

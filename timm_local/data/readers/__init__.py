@@ -15,6 +15,7 @@ from .digits import read_digits
 from .hf import hf_splits, read_hf_disk, read_hub, read_parquet
 from .idx import IDX_STEMS, find_idx, read_fashion_mnist, read_idx, read_mnist
 from .imagefolder import read_imagefolder
+from .imagetar import read_image_tars
 from .stl10 import read_stl10
 from .svhn import read_svhn
 
@@ -36,5 +37,5 @@ BUNDLED_READERS: dict[str, Callable[[], ImageSplits]] = {"digits": read_digits}
 
 #: Dataset-agnostic formats, tried in this order on any folder: (folder, image_column, label_column).
 GENERIC_READERS: tuple[Callable[[Path, Optional[str], Optional[str]], Optional[ImageSplits]], ...] = (
-    read_hf_disk, read_imagefolder, read_parquet,
+    read_hf_disk, read_imagefolder, read_parquet, read_image_tars,
 )
