@@ -21,6 +21,8 @@ machine. Example::
 
     python benchmarks/cost_table.py                        # ResNet-110, 32x32, batch 64, CPU
     python benchmarks/cost_table.py --device cuda --batch-size 1024
+    python benchmarks/cost_table.py --model resnet32_cifar --tag modules \
+        --methods bp,infopro@4,man@4,man_pp@4,hpff@4,infopro@16,man@16,hpff@16   # K local modules
 """
 from __future__ import annotations
 
@@ -321,7 +323,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma list, first must be bp; name:d sets aux_depth")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help="comma list, first must be bp; name:d sets aux_depth, name@K local_modules")
     parser.add_argument("--steps", type=int, default=5, help="timed rounds (one step per method per round)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -331,6 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="timed SGD steps of each method's fresh process for the process-level peak (0: skip it)")
     parser.add_argument("--no-cudnn-benchmark", action="store_true", help="CUDA: leave cudnn.benchmark off")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--tag", default="", help="suffix of the results files (a second table beside the default one)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 2:
@@ -338,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     result = measure(args)
     device = torch.device(args.device).type
-    stem = args.out_dir / f"cost_table_{args.model}_{device}"
+    stem = args.out_dir / (f"cost_table_{args.model}_{device}" + (f"_{args.tag}" if args.tag else ""))
     write_results(stem, result, to_markdown(result))
     return result
 

@@ -60,6 +60,11 @@ class TrainConfig(TimmOptions):
         "help": "the paper's d: layers in each auxiliary net incl. the final linear (AugLocal); None = method default"})
     tau: Optional[float] = field(default=None, metadata={"help": "pyramidal depth coefficient (AugLocal); None = default"})
     method_kwargs: dict = field(default_factory=dict, metadata={"help": "extra method hyper-parameters (YAML dict)"})
+    local_modules: Optional[int] = field(default=None, metadata={
+        "help": "K local modules of consecutive blocks (official split table where one exists, else balanced by "
+                "MACs); None = every block is a module"})
+    local_module_ends: Optional[list] = field(default=None, metadata={
+        "help": "explicit last block index of each local module (YAML list, e.g. '[3, 7, 11]')"})
     model_kwargs: dict = field(default_factory=dict, metadata={
         "help": "extra timm.create_model arguments, e.g. '{drop_rate: 0.1}' (YAML dict)"})
     num_classes: Optional[int] = field(default=None, metadata={"help": "classifier size; None = from the dataset"})
@@ -202,6 +207,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("in_chans", _positive, "a positive integer"),
     ("aux_depth", lambda v: v >= 2, "an integer >= 2 (the paper's d counts the final linear layer)"),
     ("tau", lambda v: 0.0 <= v <= 1.0, "in [0, 1] (0 disables the pyramidal depth)"),
+    ("local_modules", lambda v: v >= 2, "an integer >= 2 (1 module is end-to-end training: --method bp)"),
     ("pipeline_segments", _positive, "a positive integer"),
     ("pipeline_cost", lambda v: v in ("time", "macs"), "time or macs"),
     ("engine", lambda v: v in ENGINES, " or ".join(ENGINES)),

@@ -16,7 +16,6 @@ keeps or cannot return).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import re
@@ -24,30 +23,18 @@ import statistics
 import subprocess
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
 
+from .macs import count_macs
 from .memory import allocator_name, cuda_alloc_conf
 
-if TYPE_CHECKING:  # the pipeline cut counts MACs with this module, and model.py imports the engines
+if TYPE_CHECKING:  # model.py imports the engines and the methods, which count MACs with .macs
     from .model import LocalModel
     from .process_cost import StepCase
-
-
-def count_macs(fn: Callable[[], Any], module: torch.nn.Module | None = None) -> int:
-    """Multiply-accumulates of everything ``fn`` runs (FLOPs / 2 as counted by PyTorch).
-
-    ``module``: the model ``fn`` runs, whose parameters stop requiring grad while counting (see
-    :func:`_parameters_frozen`: without it some models, e.g. CaiT, cannot be counted at all).
-    """
-    counter = FlopCounterMode(display=False)
-    with _parameters_frozen(module) if module is not None else contextlib.nullcontext(), counter:
-        fn()
-    return counter.get_total_flops() // 2
 
 
 def _stage_inputs(model: LocalModel, x: torch.Tensor) -> list[torch.Tensor]:
@@ -61,23 +48,14 @@ def _stage_inputs(model: LocalModel, x: torch.Tensor) -> list[torch.Tensor]:
     return outputs
 
 
-@contextlib.contextmanager
-def _parameters_frozen(module: torch.nn.Module) -> Iterator[None]:
-    """Parameters stop requiring grad while MACs are counted (and are restored after).
-
-    FlopCounterMode's module tracker hooks the autograd graph of every module input that requires
-    grad; a view of a parameter made under no_grad (a class token expanded to the batch, as CaiT
-    passes it to its class-attention blocks) requires grad but has no graph, and the tracker fails
-    on it. Counting never needs gradients.
-    """
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+def _cascade_path(model: LocalModel, j: int, features: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> Any:
+    """The second path of cascade stage ``j`` (engine/stage.py): stage j-1's blocks run again from their
+    input, then stage j's, then its cascade loss (or the network's top)."""
+    h = features[j - 2] if j >= 2 else x
+    for index in model.stages[j - 1].blocks + model.stages[j].blocks:
+        h = model.partition.blocks[index](h)
+    stage = model.stages[j]
+    return model.partition.top(h) if stage.head is None else stage.head.cascade_loss(h, y, x)
 
 
 @torch.no_grad()
@@ -94,6 +72,8 @@ def macs_per_sample(model: LocalModel, input_size: tuple[int, int, int], batch_s
         heads = [(s.head, h) for s, h in zip(model.stages, features) if s.head is not None]
         classifiers = sum(count_macs(lambda: head(h), model) for head, h in heads)
         train_extra = sum(count_macs(lambda: head.local_loss(h, y, x), model) for head, h in heads)
+        train_extra += sum(count_macs(lambda: _cascade_path(model, j, features, x, y), model)
+                           for j, stage in enumerate(model.stages) if stage.cascade is not None)
     finally:
         model.train(was_training)
     return {

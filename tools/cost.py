@@ -38,6 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", default="auglocal", choices=timm_local.list_methods())
     p.add_argument("--aux-depth", type=int, default=None, help="the paper's d, counting the final linear layer")
     p.add_argument("--tau", type=float, default=None, help="pyramidal depth coefficient in [0, 1]")
+    p.add_argument("--local-modules", type=int, default=None,
+                   help="K local modules of consecutive blocks (default: every block is a module)")
+    p.add_argument("--local-module-ends", type=int, nargs="+", default=None, metavar="END",
+                   help="explicit last block index of each local module")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None,
                    help="default: the model's pretrained_cfg input size")
@@ -81,7 +85,8 @@ def measure(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    kwargs = {k: v for k, v in (("aux_depth", args.aux_depth), ("tau", args.tau)) if v is not None}
+    kwargs = {k: v for k, v in (("aux_depth", args.aux_depth), ("tau", args.tau), ("local_modules", args.local_modules),
+                                ("local_module_ends", args.local_module_ends)) if v is not None}
     case = StepCase(args.model, args.method, kwargs, num_classes=args.num_classes,
                     input_size=tuple(args.input_size) if args.input_size else None, batch_size=args.batch_size,
                     steps=args.steps, threads=args.threads, device=args.device, channels_last=args.channels_last,

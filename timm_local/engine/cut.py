@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 import torch
 import torch.distributed as dist
 
-from ..cost import count_macs
+from ..balance import min_max_split
+from ..macs import count_macs
 from .stage import run_stage
 from .topology import PipelineTopology
 
@@ -70,14 +71,15 @@ def local_stage_costs(
     device = x.device
     costs: list[float] = []
     h = x
+    previous = None  # what a cascade stage runs again (engine/stage.py)
     if measure == "macs":
         probe.eval()  # MAC counts do not depend on the BatchNorm mode
         with torch.no_grad():
             for stage in probe.stages:
                 out: list[torch.Tensor] = []
-                macs = count_macs(lambda: out.append(run_stage(probe.partition, stage, h, y, x)[0]), probe)
+                macs = count_macs(lambda: out.append(run_stage(probe.partition, stage, h, y, x, previous)[0]), probe)
                 costs.append(macs / batch_size)
-                h = out[0]
+                previous, h = (stage, h), out[0]
         return costs
     probe.train()
     for stage in probe.stages:
@@ -87,21 +89,20 @@ def local_stage_costs(
             probe.zero_grad(set_to_none=True)
             _sync(device)
             start = time.perf_counter()
-            out, loss, _ = run_stage(probe.partition, stage, h_in, y, x)
-            loss.backward()
+            out, loss, _ = run_stage(probe.partition, stage, h_in, y, x, previous)
+            if stage.has_loss:
+                loss.backward()
             _sync(device)
             if i:
                 times.append(time.perf_counter() - start)
         costs.append(min(times))  # the least disturbed run: other processes only ever add time
-        h = out.detach()
+        previous, h = (stage, h_in), out.detach()
     return costs
 
 
 def balanced_cut(costs: Sequence[float], num_segments: int) -> list[int]:
     """Start index of each of ``num_segments`` contiguous, non-empty segments of ``costs``
-    minimising the largest segment sum (exact dynamic programme, O(W·n²), n ≤ a few hundred).
-
-    Among optimal cuts the one with the latest boundaries is returned, a deterministic choice.
+    minimising the largest segment sum (:func:`~timm_local.balance.min_max_split`).
     """
     n = len(costs)
     if num_segments < 1:
@@ -113,26 +114,7 @@ def balanced_cut(costs: Sequence[float], num_segments: int) -> list[int]:
         )
     if any(c < 0 for c in costs):
         raise ValueError("local stage costs must be non-negative")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + float(c))
-    inf = float("inf")
-    # best[k][i]: smallest possible max segment cost covering stages [0, i) with k segments.
-    best = [[inf] * (n + 1) for _ in range(num_segments + 1)]
-    arg = [[0] * (n + 1) for _ in range(num_segments + 1)]
-    best[0][0] = 0.0
-    for k in range(1, num_segments + 1):
-        for i in range(k, n - (num_segments - k) + 1):
-            for j in range(k - 1, i):
-                value = max(best[k - 1][j], prefix[i] - prefix[j])
-                if value <= best[k][i]:
-                    best[k][i], arg[k][i] = value, j
-    starts = []
-    i = n
-    for k in range(num_segments, 0, -1):
-        i = arg[k][i]
-        starts.append(i)
-    return starts[::-1]
+    return min_max_split(costs, num_segments)
 
 
 def segment_ranges(starts: Sequence[int], num_stages: int) -> list[range]:

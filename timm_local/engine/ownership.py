@@ -6,7 +6,7 @@ the assignment must be a partition: every parameter and buffer belongs to one lo
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,7 @@ from ..methods.base import LocalHead
 if TYPE_CHECKING:  # model.py imports the engines, so engines import it only for types
     from ..model import LocalModel
 
-__all__ = ["needs_inputs", "tensors_by_local_stage"]
+__all__ = ["needs_inputs", "refuse_cross_segment_reads", "tensors_by_local_stage"]
 
 
 def tensors_by_local_stage(model: LocalModel) -> list[list[tuple[str, torch.Tensor]]]:
@@ -62,3 +62,30 @@ def needs_inputs(head: LocalHead | None) -> bool:
     The default :meth:`LocalHead.local_loss` ignores it; any override is assumed to need it.
     """
     return head is not None and type(head).local_loss is not LocalHead.local_loss
+
+
+def refuse_cross_segment_reads(model: LocalModel, segments: Sequence[range]) -> None:
+    """Refuse a cut that puts a head apart from a primary block it reads the weights of, and cascade
+    stages (whose loss trains the previous stage's blocks too, after that stage's gradients were handed
+    to the replica average).
+
+    A head's ``reads_blocks`` (MAN's momentum copies follow the next module's first block) are read on
+    the rank that runs the head; a block another segment trains is only current there after a
+    consolidation, so such a cut would silently follow stale weights.
+    """
+    cascades = [j for j, stage in enumerate(model.stages) if stage.cascade is not None]
+    if cascades:
+        raise ValueError(
+            f"{model.method_name}'s local stage {cascades[0]} reaches back into stage {cascades[0] - 1} (its cascade "
+            "loss trains both), which the pipeline's per-stage ownership and gradient averaging cannot express; "
+            "train this method with the sequential engine (--engine sequential)")
+    segment_of = {j: s for s, stages in enumerate(segments) for j in stages}
+    block_stage = {b: j for j, stage in enumerate(model.stages) for b in stage.blocks}
+    for j, stage in enumerate(model.stages):
+        for block in getattr(stage.head, "reads_blocks", ()):
+            if segment_of[block_stage[block]] != segment_of[j]:
+                raise ValueError(
+                    f"{model.method_name}'s head of local stage {j} follows the weights of block "
+                    f"{model.partition.names[block]!r}, which another pipeline segment trains; cut the pipeline "
+                    f"(cut=...) so that local stages {j} and {block_stage[block]} share a segment, or use the "
+                    "sequential engine")

@@ -44,7 +44,7 @@ import torch.nn as nn
 from ..distributed import GradientAverage, broadcast_tensors
 from .consolidate import broadcast_from_owners, merge_optimizer_state
 from .cut import CostMeasure, CutReport, agree_on_cut, segment_ranges
-from .ownership import needs_inputs, tensors_by_local_stage
+from .ownership import needs_inputs, refuse_cross_segment_reads, tensors_by_local_stage
 from .p2p import ActivationLink
 from .stage import Backward, check_finite_losses, default_backward, run_stage, stage_sums
 from .topology import PipelineTopology
@@ -173,6 +173,7 @@ class PipelineTrainer:
         self.cut = list(self.cut_report.starts)
         self.segment_stages: list[range] = segment_ranges(self.cut, n_stages)
         self.local_stages: range = self.segment_stages[topo.segment]
+        refuse_cross_segment_reads(model, self.segment_stages)
         self._stage_params: dict[int, list[nn.Parameter]] = {
             j: [t for _, t in self._owned[j] if isinstance(t, nn.Parameter) and t.requires_grad]
             for j in self.local_stages
@@ -271,15 +272,21 @@ class PipelineTrainer:
         head_logits: dict[int, torch.Tensor | None] = {}
         logits = None
         reductions: list[GradientAverage] = []
+        previous = None  # (stage, its detached input): what a cascade stage runs again
         for j in self.local_stages:
             stage = stages[j]
-            h, loss, stage_logits = run_stage(partition, stage, h.detach(), y, inputs)
+            h_in = h.detach()
+            h, loss, stage_logits = run_stage(partition, stage, h_in, y, inputs, previous)
+            previous = (stage, h_in)
             if j == last_local and self._next is not None:
                 # Hand the batch on before this stage's backward: downstream starts at once.
                 start = time.perf_counter()
                 self._next.send([h, y, inputs if self._send_inputs else None])
                 self.wait_times["send"] += time.perf_counter() - start
-            backward(loss)
+            if stage.has_loss:
+                backward(loss)
+            if stage.head is not None:
+                stage.head.after_backward()
             if sync and self._replica_group is not None:
                 reductions.append(GradientAverage(self._stage_params[j], self.num_replicas,
                                                   self._replica_group, self.comm_device))

@@ -45,9 +45,18 @@ def sequential_local_step(
     head_logits: list[torch.Tensor | None] = []
     h = inputs
     logits = None
+    previous = None  # (stage, its detached input): what a cascade stage runs again
     for stage in stages:
-        h, loss, stage_logits = run_stage(partition, stage, h.detach(), target, inputs)
+        h_in = h.detach()
+        h, loss, stage_logits = run_stage(partition, stage, h_in, target, inputs, previous)
+        previous = (stage, h_in)
+        if not stage.has_loss:
+            losses.append(loss)
+            head_logits.append(None)
+            continue
         backward(loss)
+        if stage.head is not None:
+            stage.head.after_backward()
         losses.append(loss.detach())
         detached = None if stage_logits is None else stage_logits.detach()
         if stage.head is None:

@@ -17,7 +17,7 @@ from ..methods.base import LocalStage, classification_loss
 from ..partition import Partition
 from .speed import match_memory_format
 
-__all__ = ["Backward", "check_finite_losses", "default_backward", "run_stage", "stage_sums"]
+__all__ = ["Backward", "check_finite_losses", "default_backward", "run_blocks", "run_stage", "stage_sums"]
 
 Backward = Callable[[torch.Tensor], None]
 
@@ -54,17 +54,8 @@ def _checkpointed(block: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     )
 
 
-def run_stage(
-    partition: Partition,
-    stage: LocalStage,
-    h: torch.Tensor,
-    target: torch.Tensor,
-    inputs: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Forward one stage from its (already detached) input: (output, loss, logits).
-
-    The input takes the memory format of the stage's first block (channels-last models, :mod:`.speed`).
-    """
+def run_blocks(partition: Partition, stage: LocalStage, h: torch.Tensor) -> torch.Tensor:
+    """The stage's primary blocks on ``h`` (activation-checkpointed when the stage asks for it)."""
     h = match_memory_format(h, partition.blocks[stage.blocks[0]])
     for index in stage.blocks:
         block = partition.blocks[index]
@@ -72,10 +63,47 @@ def run_stage(
             h = _checkpointed(block, h)
         else:
             h = block(h)
+    return h
+
+
+def _stage_loss(partition: Partition, stage: LocalStage, h: torch.Tensor, target: torch.Tensor,
+                inputs: torch.Tensor, cascade: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     if stage.head is None:
         logits = partition.top(h)
-        return h, classification_loss(logits, target), logits
-    loss, logits = stage.head.local_loss(h, target, inputs)
+        return classification_loss(logits, target), logits
+    if cascade:
+        return stage.head.cascade_loss(h, target, inputs)
+    return stage.head.local_loss(h, target, inputs)
+
+
+def run_stage(
+    partition: Partition,
+    stage: LocalStage,
+    h: torch.Tensor,
+    target: torch.Tensor,
+    inputs: torch.Tensor,
+    previous: tuple[LocalStage, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Forward one stage from its (already detached) input: (output, loss, logits).
+
+    The input takes the memory format of the stage's first block (channels-last models, :mod:`.speed`).
+    A stage without a loss of its own runs without a graph and returns a zero loss (no backward). A
+    cascade stage (:attr:`LocalStage.cascade`) also runs ``previous`` = (the previous stage, its detached
+    input) again with a graph and its own blocks on top, so its cascade loss reaches that stage and no
+    further; the engines keep that one input alive for it.
+    """
+    if not stage.has_loss:
+        with torch.no_grad():
+            h = run_blocks(partition, stage, h)
+        return h, torch.zeros((), device=h.device), None
+    h = run_blocks(partition, stage, h)
+    loss, logits = _stage_loss(partition, stage, h, target, inputs)
+    if stage.cascade is not None:
+        if previous is None:
+            raise ValueError("a cascade stage needs the previous stage and its input (the first stage cannot be one)")
+        z = run_blocks(partition, stage, run_blocks(partition, previous[0], previous[1]))
+        own, through = stage.cascade
+        loss = own * loss + through * _stage_loss(partition, stage, z, target, inputs, cascade=True)[0]
     return h, loss, logits
 
 

@@ -15,6 +15,8 @@ from . import dgl as _dgl  # noqa: F401
 from . import predsim as _predsim  # noqa: F401
 from . import infopro as _infopro  # noqa: F401
 from . import auglocal_infopro as _auglocal_infopro  # noqa: F401
+from . import man as _man  # noqa: F401 (man, man_pp)
+from . import hpff as _hpff  # noqa: F401
 
 __all__ = [
     "LocalHead",

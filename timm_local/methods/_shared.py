@@ -78,6 +78,9 @@ class ChannelsFirst(LocalHead):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.head.local_loss(features.permute(0, 3, 1, 2), target, inputs)
 
+    def after_backward(self) -> None:
+        self.head.after_backward()
+
 
 def per_block_stages(
     partition: Partition, make_head: Callable[[int], LocalHead], method: str = "this method"
@@ -87,21 +90,35 @@ def per_block_stages(
     This is the partition of DGL, PredSim and InfoPro in AUGLOCAL.md §3 (InfoPro on ResNet-32:
     K = 16 local modules, heads on modules 0..K-2).
     """
+    return module_stages(partition, range(len(partition)), lambda index, k: make_head(index), method)
+
+
+def module_stages(
+    partition: Partition, ends: Sequence[int], make_head: Callable[[int, int], LocalHead], method: str = "this method",
+    channels_first: bool = True,
+) -> list[LocalStage]:
+    """One stage per local module (``ends``: each module's last block), a head on every module but the last.
+
+    ``make_head(index, k)`` builds module ``k``'s head on the output of its last block ``index``; the last
+    module and the network's top form the final stage. ``channels_first``: heads on channels-last maps see
+    them permuted (:class:`ChannelsFirst`); False for heads that feed the map to copies of later blocks.
+    """
     n = len(partition)
     if n < 2:
         raise ValueError(
             f"a per-block local method needs at least 2 local blocks, but the partition of "
             f"{type(partition.model).__name__} has {n}; use method='bp' for this model"
         )
-    require_feature_maps(partition, range(n - 1), method)
-    stages = []
-    for index in range(n - 1):
-        head = make_head(index)
+    require_feature_maps(partition, ends[:-1], method)
+    stages, start = [], 0
+    for k, index in enumerate(ends[:-1]):
+        head = make_head(index, k)
         init_like_primary(head)
-        if partition.specs[index].layout == "NHWC":
+        if channels_first and partition.specs[index].layout == "NHWC":
             head = ChannelsFirst(head)
-        stages.append(LocalStage([index], head))
-    stages.append(LocalStage([n - 1]))
+        stages.append(LocalStage(list(range(start, index + 1)), head))
+        start = index + 1
+    stages.append(LocalStage(list(range(start, n))))
     return stages
 
 

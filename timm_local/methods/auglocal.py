@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..partition import BlockSpec, Partition
 from .base import LocalHead, LocalMethod, LocalStage, register_method
 from .model_pooling import HeadPooling
+from .modules import LocalModules
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,45 @@ def auglocal_plans(
     return plans
 
 
-def partition_plans(partition: Partition, aux_depth: int, tau: float, heads: str = "cifar") -> list[AuxPlan]:
-    """:func:`auglocal_plans` with the stride rule of the partition's family."""
+def module_plans(
+    specs: list[BlockSpec], ends: Sequence[int], aux_depth: int, tau: float, shape_rule: bool = False
+) -> list[AuxPlan]:
+    """The auxiliary network of every local module but the last (``ends``: each module's last block).
+
+    The paper's rule read at module granularity: module m's network copies a uniform selection of the
+    blocks *after* its last block (the last always the network's last block, all of them when fewer
+    remain than its depth), with the pyramidal depth over the K-1 heads.
+    """
+    validate_hparams(aux_depth, tau)
+    d_blocks, n_heads = aux_depth - 1, len(ends) - 1
+    span = max(1, n_heads - 1)
+    strides_of = shape_rule_strides if shape_rule else downsampling_strides
+    plans = []
+    for m, block in enumerate(ends[:-1]):
+        depth = max(1, round(d_blocks - tau * (d_blocks - 1) * m / span))
+        selection = uniform_selection(block, depth, len(specs))
+        plans.append(AuxPlan(block, depth, selection, strides_of(block, selection, specs)))
+    return plans
+
+
+def partition_plans(partition: Partition, aux_depth: int, tau: float, heads: str = "cifar",
+                    ends: Sequence[int] | None = None) -> list[AuxPlan]:
+    """:func:`auglocal_plans` (or :func:`module_plans` for given module ``ends``) with the stride rule of the
+    partition's family."""
+    if ends is not None:
+        return module_plans(partition.specs, ends, aux_depth, tau, shape_rule=partition.copies_keep_shape)
     return auglocal_plans(partition.specs, aux_depth, tau, heads, shape_rule=partition.copies_keep_shape)
+
+
+def plan_stages(plans: Sequence[AuxPlan], heads: Sequence[LocalHead], num_blocks: int) -> list[LocalStage]:
+    """A stage per plan (its module: the blocks after the previous plan's block up to its own) with its
+    head, then the remaining blocks under the network's own loss."""
+    stages, start = [], 0
+    for plan, head in zip(plans, heads):
+        stages.append(LocalStage(list(range(start, plan.block + 1)), head))
+        start = plan.block + 1
+    stages.append(LocalStage(list(range(start, num_blocks))))
+    return stages
 
 
 class AugLocalHead(LocalHead):
@@ -209,10 +246,12 @@ def build_auglocal_head(partition: Partition, plan: AuxPlan, num_classes: int, h
 
 
 @register_method("auglocal")
-class AugLocal(LocalMethod):
+class AugLocal(LocalModules, LocalMethod):
     def __init__(self, aux_depth: int = 3, tau: float = 0.5, head_hidden: int = 0, head_norm: str = "paper",
-                 heads: str = "cifar") -> None:
+                 heads: str = "cifar", local_modules: int | None = None,
+                 local_module_ends: Sequence[int] | None = None) -> None:
         validate_hparams(aux_depth, tau)
+        self._init_modules(local_modules, local_module_ends)
         if not isinstance(head_hidden, int) or isinstance(head_hidden, bool) or head_hidden < 0:
             raise ValueError(f"head_hidden (width of the auxiliary classifier's two hidden layers) must be an "
                              f"integer >= 0, got {head_hidden!r}; 0 = pool + linear as in the paper's CIFAR heads")
@@ -235,12 +274,12 @@ class AugLocal(LocalMethod):
             extras["head_norm"] = self.head_norm
         if self.heads != "cifar":
             extras["heads"] = self.heads
-        return {"aux_depth": self.aux_depth, "tau": self.tau, **extras}
+        return {"aux_depth": self.aux_depth, "tau": self.tau, **extras, **self._modules_config()}
 
     def build(self, partition: Partition, num_classes: int) -> list[LocalStage]:
-        plans = partition_plans(partition, self.aux_depth, self.tau, self.heads)
+        ends = self.module_ends(partition) if self.modules_given else None
+        plans = partition_plans(partition, self.aux_depth, self.tau, self.heads, ends)
         pooling = head_pooling(partition)
-        stages = [LocalStage([p.block], build_auglocal_head(partition, p, num_classes, self.head_hidden,
-                                                            self.head_norm, self.heads, pooling)) for p in plans]
-        stages.append(LocalStage(list(range(len(plans), len(partition)))))
-        return stages
+        heads = [build_auglocal_head(partition, p, num_classes, self.head_hidden, self.head_norm, self.heads, pooling)
+                 for p in plans]
+        return plan_stages(plans, heads, len(partition))

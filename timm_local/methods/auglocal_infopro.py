@@ -15,13 +15,14 @@ from typing import Any, Sequence
 
 from ..partition import Partition, init_like_primary
 from ._shared import InfoProDecoder, require_feature_maps
-from .auglocal import build_auglocal_head, head_pooling, partition_plans, validate_hparams
+from .auglocal import build_auglocal_head, head_pooling, partition_plans, plan_stages, validate_hparams
 from .base import LocalMethod, LocalStage, register_method
+from .modules import LocalModules
 from .infopro import ReconstructionHead, ReconstructionWeights
 
 
 @register_method("auglocal_infopro")
-class AugLocalInfoPro(ReconstructionWeights, LocalMethod):
+class AugLocalInfoPro(LocalModules, ReconstructionWeights, LocalMethod):
     """AugLocal (``aux_depth`` = d, ``tau``) with InfoPro's reconstruction loss and weights."""
 
     def __init__(
@@ -33,28 +34,30 @@ class AugLocalInfoPro(ReconstructionWeights, LocalMethod):
         lambda_y: Sequence[float] | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        local_modules: int | None = None,
+        local_module_ends: Sequence[int] | None = None,
     ) -> None:
         validate_hparams(aux_depth, tau)
+        self._init_modules(local_modules, local_module_ends)
         self.aux_depth = aux_depth
         self.tau = float(tau)
         self._init_weights(weights, lambda_x, lambda_y, mean, std)
 
     def config(self) -> dict[str, Any]:
-        return {"aux_depth": self.aux_depth, "tau": self.tau, **self._weights_config()}
+        return {"aux_depth": self.aux_depth, "tau": self.tau, **self._weights_config(), **self._modules_config()}
 
     def build(self, partition: Partition, num_classes: int) -> list[LocalStage]:
         weights, mean, std = self._resolve(partition)
-        plans = partition_plans(partition, self.aux_depth, self.tau)
+        plans = partition_plans(partition, self.aux_depth, self.tau,
+                                ends=self.module_ends(partition) if self.modules_given else None)
         require_feature_maps(partition, [p.block for p in plans], self.name)
         pooling = head_pooling(partition)
-        stages = []
+        heads = []
         for k, plan in enumerate(plans):
             spec = partition.specs[plan.block]
             decoder = InfoProDecoder(spec.out_chs, mean, std, channels_last=spec.layout == "NHWC")
             init_like_primary(decoder)
             lambda_x, lambda_y = weights.at(k, len(plans))
-            head = ReconstructionHead(build_auglocal_head(partition, plan, num_classes, pooling=pooling), decoder,
-                                      lambda_x, lambda_y)
-            stages.append(LocalStage([plan.block], head))
-        stages.append(LocalStage(list(range(len(plans), len(partition)))))
-        return stages
+            heads.append(ReconstructionHead(build_auglocal_head(partition, plan, num_classes, pooling=pooling),
+                                            decoder, lambda_x, lambda_y))
+        return plan_stages(plans, heads, len(partition))

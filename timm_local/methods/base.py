@@ -47,10 +47,22 @@ class LocalHead(nn.Module):
         logits = self(features)
         return classification_loss(logits, target), logits
 
+    def cascade_loss(
+        self, features: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loss of a cascade stage's second path (:attr:`LocalStage.cascade`), on features computed by
+        the previous stage's blocks and this stage's; :meth:`local_loss` by default."""
+        return self.local_loss(features, target, inputs)
+
+    def after_backward(self) -> None:
+        """Called by every engine right after this head's loss was back-propagated, before the optimizer
+        step: the place for state that follows the network's weights without a gradient (MAN's
+        momentum copies). Nothing by default."""
+
 
 @dataclass
 class LocalStage:
-    """Consecutive primary blocks trained by one local loss.
+    """Consecutive primary blocks (a local module) trained by one local loss.
 
     ``checkpoint`` asks the engine to recompute the blocks' activations in backward (the
     gradient-checkpointing memory baseline); it changes memory, never gradients.
@@ -59,6 +71,13 @@ class LocalStage:
     blocks: list[int]
     head: LocalHead | None = None
     checkpoint: bool = False
+    #: HPFF's cascade, as (own weight, cascade weight): the stage's loss is own·(its loss on its own detached
+    #: input) + cascade·(its cascade loss on the previous stage's blocks and its own, run again from the
+    #: previous stage's detached input) -- the one loss allowed to reach exactly one module back.
+    cascade: tuple[float, float] | None = None
+    #: False for a stage with no loss of its own (HPFF's first module): it runs forward only and is
+    #: trained by the next stage's cascade.
+    has_loss: bool = True
 
 
 class LocalMethod(ABC):

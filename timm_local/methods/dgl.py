@@ -7,14 +7,16 @@ quarter of the spatial size, three 1×1 conv-BN-ReLU layers at the block's width
 from __future__ import annotations
 
 import math
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..partition import Partition
-from ._shared import block_feature_size, per_block_stages
+from ._shared import block_feature_size, module_stages
 from .base import LocalHead, LocalMethod, LocalStage, register_method
+from .modules import LocalModules
 
 
 class DGLHead(LocalHead):
@@ -56,8 +58,15 @@ def build_dgl_head(partition: Partition, index: int, num_classes: int) -> DGLHea
 
 
 @register_method("dgl")
-class DGL(LocalMethod):
-    """Decoupled greedy learning: a small conv + MLP classifier on every block but the last."""
+class DGL(LocalModules, LocalMethod):
+    """Decoupled greedy learning: a small conv + MLP classifier on every local module but the last."""
+
+    def __init__(self, local_modules: int | None = None, local_module_ends: Sequence[int] | None = None) -> None:
+        self._init_modules(local_modules, local_module_ends)
+
+    def config(self) -> dict[str, Any]:
+        return self._modules_config()
 
     def build(self, partition: Partition, num_classes: int) -> list[LocalStage]:
-        return per_block_stages(partition, lambda i: build_dgl_head(partition, i, num_classes), self.name)
+        return module_stages(partition, self.module_ends(partition),
+                             lambda index, k: build_dgl_head(partition, index, num_classes), self.name)

@@ -1,6 +1,7 @@
 """InfoPro (Wang et al., ICLR 2021), as AUGLOCAL.md §3.
 
-Each block k = 0..K-2 (all but the last) gets two networks on its output:
+Each local module k = 0..K-2 (all but the last; by default each block is a module) gets two networks on
+the output of its last block:
 
 * a classifier: 3×3 conv (to the next stage's width at stride 2 while a later stage still
   downsamples, else C→C at stride 1) + BN + ReLU → global average pool → Linear 128 → ReLU →
@@ -25,11 +26,12 @@ from ._shared import (
     InfoProDecoder,
     LossWeights,
     dataset_stats,
+    module_stages,
     next_downsampling,
-    per_block_stages,
     resolve_loss_weights,
 )
 from .base import LocalHead, LocalMethod, LocalStage, classification_loss, register_method
+from .modules import LocalModules
 
 
 class InfoProClassifier(nn.Sequential):
@@ -120,6 +122,13 @@ class ReconstructionWeights:
         return self.resolved[1], mean, std
 
 
+def classifier_width(hidden: int) -> int:
+    """The hidden width of InfoPro's classifier, checked (shared by the methods built on InfoPro's heads)."""
+    if int(hidden) < 1:
+        raise ValueError(f"hidden (classifier width) must be a positive integer, got {hidden!r}")
+    return int(hidden)
+
+
 def infopro_conv(partition: Partition, index: int) -> tuple[int, int]:
     """(out channels, stride) of InfoPro's classifier conv on block ``index``.
 
@@ -133,7 +142,7 @@ def infopro_conv(partition: Partition, index: int) -> tuple[int, int]:
 
 
 @register_method("infopro")
-class InfoPro(ReconstructionWeights, LocalMethod):
+class InfoPro(LocalModules, ReconstructionWeights, LocalMethod):
     """Information propagation: classification + image reconstruction on every block but the last.
 
     ``weights``: "auto" (default; the paper preset for the nearest number of blocks),
@@ -151,23 +160,24 @@ class InfoPro(ReconstructionWeights, LocalMethod):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         hidden: int = 128,
+        local_modules: int | None = None,
+        local_module_ends: Sequence[int] | None = None,
     ) -> None:
         self._init_weights(weights, lambda_x, lambda_y, mean, std)
-        if int(hidden) < 1:
-            raise ValueError(f"hidden (classifier width) must be a positive integer, got {hidden!r}")
-        self.hidden = int(hidden)
+        self._init_modules(local_modules, local_module_ends)
+        self.hidden = classifier_width(hidden)
 
     def config(self) -> dict[str, Any]:
-        return {**self._weights_config(), "hidden": self.hidden}
+        return {**self._weights_config(), "hidden": self.hidden, **self._modules_config()}
 
     def build(self, partition: Partition, num_classes: int) -> list[LocalStage]:
         weights, mean, std = self._resolve(partition)
-        num_heads = len(partition) - 1
+        ends = self.module_ends(partition)
 
-        def make_head(index: int) -> ReconstructionHead:
+        def make_head(index: int, k: int) -> ReconstructionHead:
             chs = partition.specs[index].out_chs
             conv_chs, stride = infopro_conv(partition, index)
-            lambda_x, lambda_y = weights.at(index, num_heads)
+            lambda_x, lambda_y = weights.at(k, len(ends) - 1)
             return ReconstructionHead(
                 InfoProClassifier(chs, conv_chs, stride, num_classes, self.hidden),
                 InfoProDecoder(chs, mean, std),
@@ -175,4 +185,4 @@ class InfoPro(ReconstructionWeights, LocalMethod):
                 lambda_y,
             )
 
-        return per_block_stages(partition, make_head, self.name)
+        return module_stages(partition, ends, make_head, self.name)

@@ -10,15 +10,16 @@ training only (``local_loss``, counted in ``gmacs_train``).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..partition import Partition
-from ._shared import block_feature_size, per_block_stages
+from ._shared import block_feature_size, module_stages
 from .base import LocalHead, LocalMethod, LocalStage, register_method
+from .modules import LocalModules
 
 
 def predsim_pool_size(chs: int, height: int, width: int, max_features: int = 512) -> tuple[int, int]:
@@ -90,7 +91,7 @@ class PredSimHead(LocalHead):
 
 
 @register_method("predsim")
-class PredSim(LocalMethod):
+class PredSim(LocalModules, LocalMethod):
     """Prediction + similarity matching on every block but the last.
 
     ``sim_weight`` is the paper's β (0.99): loss = β·sim + (1-β)·CE. ``max_features`` bounds
@@ -99,7 +100,9 @@ class PredSim(LocalMethod):
 
     labels_only = "its similarity-matching loss compares the similarity of one-hot labels"
 
-    def __init__(self, sim_weight: float = 0.99, max_features: int = 512) -> None:
+    def __init__(self, sim_weight: float = 0.99, max_features: int = 512, local_modules: int | None = None,
+                 local_module_ends: Sequence[int] | None = None) -> None:
+        self._init_modules(local_modules, local_module_ends)
         if not 0.0 <= float(sim_weight) <= 1.0:
             raise ValueError(f"sim_weight (PredSim's beta) must be in [0, 1], got {sim_weight!r}")
         if int(max_features) < 1:
@@ -108,12 +111,12 @@ class PredSim(LocalMethod):
         self.max_features = int(max_features)
 
     def config(self) -> dict[str, Any]:
-        return {"sim_weight": self.sim_weight, "max_features": self.max_features}
+        return {"sim_weight": self.sim_weight, "max_features": self.max_features, **self._modules_config()}
 
     def build(self, partition: Partition, num_classes: int) -> list[LocalStage]:
-        def make_head(index: int) -> PredSimHead:
+        def make_head(index: int, k: int) -> PredSimHead:
             chs = partition.specs[index].out_chs
             pool = predsim_pool_size(chs, *block_feature_size(partition, index), self.max_features)
             return PredSimHead(chs, pool, num_classes, self.sim_weight)
 
-        return per_block_stages(partition, make_head, self.name)
+        return module_stages(partition, self.module_ends(partition), make_head, self.name)

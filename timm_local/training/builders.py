@@ -99,14 +99,16 @@ def settled_by_accelerate(cfg: TrainConfig, accelerator: Any) -> TrainConfig:
 
 
 def method_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """The method's hyper-parameters: ``method_kwargs`` plus ``aux_depth`` / ``tau`` where it declares them.
+    """The method's hyper-parameters: ``method_kwargs`` plus ``aux_depth`` / ``tau`` / ``local_modules`` /
+    ``local_module_ends`` where it declares them.
 
     ``aux_depth`` and ``tau`` are top-level keys because they are the paper's; a recipe for AugLocal run
     with ``--method bp`` (the usual comparison) drops them with a warning instead of failing. What a
     method takes is read from its signature (:func:`~timm_local.methods.base.method_hyperparameters`).
     """
     kwargs = dict(cfg.method_kwargs or {})
-    paper = {k: v for k, v in (("aux_depth", cfg.aux_depth), ("tau", cfg.tau)) if v is not None}
+    paper = {k: v for k, v in (("aux_depth", cfg.aux_depth), ("tau", cfg.tau), ("local_modules", cfg.local_modules),
+                               ("local_module_ends", cfg.local_module_ends)) if v is not None}
     try:
         declared = method_hyperparameters(cfg.method)
     except ValueError as e:  # unknown method: the message lists the registered ones

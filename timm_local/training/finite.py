@@ -53,7 +53,9 @@ class FiniteGuard:
 
     def __init__(self, model: torch.nn.Module, check_gradients: bool = True) -> None:
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.buffers = list(model.named_buffers())
+        # what a step changes without the optimizer: buffers (BatchNorm statistics) and parameters moved
+        # without gradient (MAN's momentum copies), so a bad step's are checked and undone alike
+        self.buffers = list(model.named_buffers()) + [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
         self.check_gradients = check_gradients
         self.saved: Optional[list[torch.Tensor]] = None
 
