@@ -62,7 +62,8 @@ def _epochs_seen(all_settings: dict[str, dict], out: str) -> dict[str, list[list
         train_set, _, data = run_datasets(cfg)
         runner.attach(accelerator, build_local_model(cfg, data), train_set, data)
         assert runner.steps_per_epoch == TRAIN // BATCH
-        seen[route] = [[digest(img) for x, _ in runner.batches(epoch, 0) for img in x] for epoch in (0, 1)]
+        seen[route] = [[digest(img) for group in runner.batches(epoch, 0) for x, _ in group for img in x]
+                       for epoch in (0, 1)]
         AcceleratorState._reset_state(False)  # the next route's accelerator, in the same process group
         GradientState._reset_state()
     return seen

@@ -79,6 +79,9 @@ def test_export_tool_rebuilds_the_same_files_from_a_checkpoint(run, tmp_path):
     a, b = load_file(str(run.export_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ca, cb = json.loads((run.export_dir / "config.json").read_text()), json.loads((out / "config.json").read_text())
+    # each says which weights it holds: the run's choice (--export-weights), the tool's checkpoint
+    assert ca["timm_local"].pop("exported_weights").startswith("best epoch by top1")
+    assert cb["timm_local"].pop("exported_weights").startswith("the weights of checkpoint step_")
     assert ca == cb
     assert export_tool.main([str(tmp_path / "missing")]) == 2
 

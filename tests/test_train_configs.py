@@ -74,3 +74,19 @@ def test_config_errors_name_the_key(tmp_path):
         config_from_dict({"epochs": "many"})
     with pytest.raises(FileNotFoundError):
         load_yaml(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("model, batch, lr, warmup", [("deit_tiny_patch16_224", 1024, 1e-3, 5),
+                                                      ("convnext_tiny", 4096, 4e-3, 20)])
+def test_the_transformer_and_convnext_recipes_follow_their_papers(model, batch, lr, warmup):
+    for method in ("bp", "auglocal_d3"):
+        cfg = config_from_dict(load_yaml(CONFIGS / "imagenet" / model / f"{method}.yaml"))
+        assert (cfg.model, cfg.batch_size, cfg.lr, cfg.warmup_epochs, cfg.epochs) == (model, batch, lr, warmup, 300)
+        assert (cfg.opt, cfg.weight_decay, cfg.sched, cfg.smoothing, cfg.mixup, cfg.cutmix) == (
+            "adamw", 0.05, "cosine", 0.1, 0.8, 1.0)
+        assert cfg.aa.startswith("rand-m9") and cfg.reprob == 0.25 and cfg.drop_path_rate == 0.1 and cfg.model_ema
+
+
+def test_the_fine_tuning_recipe_starts_from_pretrained_weights():
+    cfg = config_from_dict(load_yaml(CONFIGS / "finetune" / "cifar10_resnet50_auglocal_d3.yaml"))
+    assert cfg.pretrained and cfg.initial_checkpoint is None and cfg.lr < 0.8 and cfg.mean == [0.485, 0.456, 0.406]

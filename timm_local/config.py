@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import yaml
 
 from .cli import ArgumentParser
+from .timm_options import FLAG_ALIASES, TIMM_RULES, TimmOptions, add_timm_flags, timm_flag_values
 
 __all__ = ["CONFIG_NAME", "ConfigError", "ENGINES", "FIXED_ON_RESUME", "INVOCATION_KEYS", "MIXED_PRECISIONS",
            "SCHEDULE_KEYS", "TrainConfig", "build_parser", "config_changes", "config_from_dict", "is_resuming",
@@ -43,17 +44,14 @@ FIXED_ON_RESUME = ("batch_size", "dataset", "image_size", "seed", "opt", "moment
                    "filter_bias_and_bn", "model_kwargs")
 
 
-#: Extra spellings of a flag: timm's train.py names (a timm user's habit) for the same key.
-FLAG_ALIASES = {"image_size": ["--img-size"]}
-
-
 class ConfigError(ValueError):
     """A configuration that cannot work, found before anything is written; the message names the flag."""
 
 
 @dataclass
-class TrainConfig:
-    """Everything that defines a training run. Field docs are the ``--help`` texts."""
+class TrainConfig(TimmOptions):
+    """Everything that defines a training run. Field docs are the ``--help`` texts; timm's recipe keys
+    (starting weights, smoothing, mixup, EMA, ...) come from :class:`~timm_local.timm_options.TimmOptions`."""
 
     # --- model and local learning rule --------------------------------------------------------
     model: str = field(default="resnet20_cifar", metadata={"help": "timm model name (or one of ours, *_cifar)"})
@@ -143,7 +141,8 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and augmentation"})
     cpu: bool = field(default=False, metadata={
         "help": "train on the CPU even if a GPU is present (multi-process CPU runs select it automatically)"})
-    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16 (Accelerate)"})
+    mixed_precision: Optional[str] = field(default=None, metadata={
+        "help": "no | fp16 | bf16; None = what Accelerate resolved (accelerate config, ACCELERATE_MIXED_PRECISION)"})
     output_dir: Optional[str] = field(default=None, metadata={
         "help": "run folder; None = runs/<dataset>-<model>-<method>"})
     resume: Optional[str] = field(default=None, metadata={"help": "'auto' (latest in output_dir) or a checkpoint folder"})
@@ -229,7 +228,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 
 def validate_config(cfg: TrainConfig) -> None:
     """Refuse values that cannot work, before a run builds or writes anything (one :class:`ConfigError`)."""
-    for key, ok, requirement in _RULES:
+    for key, ok, requirement in (*_RULES, *TIMM_RULES):
         value = getattr(cfg, key)
         if value is not None and not ok(value):
             raise ConfigError(f"{_flag(key)} must be {requirement}, got {value!r}")
@@ -382,12 +381,14 @@ def build_parser(description: Optional[str] = None) -> ArgumentParser:
         flags = [f"--{f.name.replace('_', '-')}"]
         if "_" in f.name:
             flags.append(f"--{f.name}")
-        flags += FLAG_ALIASES.get(f.name, [])
+        flags += FLAG_ALIASES.get(f.name, ())
         help_ = f.metadata.get("help", "")
         if base is bool:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_)
-        else:
-            parser.add_argument(*flags, dest=f.name, type=str, metavar=f.name.upper(), help=help_)
+        else:  # list and dict keys take several words: --mean 0.5 0.5 0.5, --model-kwargs drop_rate=0.1
+            parser.add_argument(*flags, dest=f.name, type=str, metavar=f.name.upper(), help=help_,
+                                nargs="+" if base in (list, dict) else None)
+    add_timm_flags(parser)
     return parser
 
 
@@ -397,7 +398,7 @@ def parse_config(argv: Optional[Sequence[str]] = None, description: Optional[str
     A resume (``--resume``) without ``--config`` continues the run as it was configured: defaults < the
     run folder's ``config.yaml`` (:func:`previous_run_config`) < explicit flags.
     """
-    args = vars(build_parser(description).parse_args(argv))
+    args = timm_flag_values(vars(build_parser(description).parse_args(argv)), _field_types())
     values: dict[str, Any] = {}
     files = args.pop("config", [])
     for path in files:
@@ -407,5 +408,4 @@ def parse_config(argv: Optional[Sequence[str]] = None, description: Optional[str
         if previous is not None:
             logger.info("continuing with the configuration of %s (flags given override it)", previous[0])
             values = previous[1]
-    cfg = config_from_dict(values)
-    return config_from_dict(args, base=cfg)
+    return config_from_dict(args, base=config_from_dict(values))

@@ -132,6 +132,8 @@ def _model_card(export_dir: Path, card: Optional[Mapping[str, Any]], metadata: O
             details[f"Test {key}"] = f"{float(meta[key]):.2f}"
     if meta.get("requires"):
         details["Requires"] = meta["requires"]
+    if meta.get("weights_from"):
+        details["Starting weights"] = str(meta["weights_from"])
     usage = (
         ("```python\nimport timm, timm_local  # needed: timm_local defines this architecture\n" if meta.get("requires")
          else "```python\nimport timm  # a timm architecture: timm alone loads it\n")
@@ -141,7 +143,11 @@ def _model_card(export_dir: Path, card: Optional[Mapping[str, Any]], metadata: O
     )
     full = {"details": details, "usage": usage, "tags": ["image-classification", "timm", "timm_local"],
             **dict(card or {})}
-    return generate_readme(full, arch)
+    readme = generate_readme(full, arch)
+    if meta.get("base_model"):  # the hub's model-card key for "fine-tuned from" (generate_readme has none)
+        head, sep, rest = readme.partition("\n---\n")
+        readme = f"{head}\nbase_model: {meta['base_model']}{sep}{rest}"
+    return readme
 
 
 def read_export_metadata(export_dir: Union[str, Path]) -> dict[str, Any]:

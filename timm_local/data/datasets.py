@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -149,6 +149,7 @@ def create_datasets(
     streaming: bool = False,
     batch_size: int = 1,
     workers: int = 0,
+    augmentation: Optional[Mapping[str, Any]] = None,
 ) -> tuple[Any, Any, DataConfig]:
     """Build the transformed train and test datasets of a run and describe them: map-style
     :class:`~.seeded.SeededTransformDataset` pairs, or :class:`~.streams.Stream` pairs.
@@ -160,6 +161,8 @@ def create_datasets(
     (:class:`~timm_local.data.device_loader.DeviceBatches` with the returned config's mean/std).
     ``streaming`` (or a ``hfids/`` / ``wds/`` spec) gives iterable sets (:mod:`.streams`), read in shards by
     ``workers`` loader workers per process in batches of ``batch_size`` (global).
+    ``augmentation``: timm's transform knobs (:func:`~timm_local.data.transforms.build_transform`'s ``extra``),
+    where ``crop_pct`` / ``interpolation`` override the dataset's own (map-style sets).
     """
     if streaming or spec_prefix(dataset) in STREAM_PREFIXES:
         return _stream_datasets(str(dataset), data_dir, image_size=image_size, in_chans=in_chans,
@@ -171,16 +174,19 @@ def create_datasets(
     if num_classes is not None and num_classes < found_classes:
         raise ValueError(f"num_classes={num_classes} but the dataset has {found_classes} classes ({splits.origin}).")
     recipe = splits.recipe
+    extra = dict(augmentation or {})
+    overrides = {k: extra.pop(k) for k in ("crop_pct", "interpolation") if extra.get(k) is not None}
     if recipe is None:
         recipe, size_source = _generic_recipe(splits, str(dataset), image_size, found_classes,
                                               model_input(model, model_kwargs), seed)
     else:
         size_source = "--img-size" if image_size else f"the {recipe.name} recipe"
+    recipe = replace(recipe, **overrides) if overrides else recipe
     size = int(image_size or recipe.image_size)
     mean_ = expand_stats(mean if mean is not None else recipe.mean, in_chans)
     std_ = expand_stats(std if std is not None else recipe.std, in_chans)
-    transforms = [build_transform(recipe, size, in_chans, training, augment, mean_, std_, normalize)
-                  for training in (True, False)]
+    transforms = [build_transform(recipe, size, in_chans, training, augment, mean_, std_, normalize,
+                                  extra if training else None) for training in (True, False)]
     train = SeededTransformDataset(splits.train, transforms[0], seed=seed)
     test = SeededTransformDataset(splits.test, transforms[1], seed=seed)
     cfg = DataConfig(

@@ -1,14 +1,14 @@
 """The paper's transforms per dataset (AUGLOCAL.md §5), producing the channel count the model wants."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
 from .recipes import RECIPES, DatasetRecipe
 
-__all__ = ["ConvertMode", "build_transform", "expand_stats"]
+__all__ = ["ConvertMode", "build_transform", "expand_stats", "timm_augmentations"]
 
 
 def expand_stats(values: Sequence[float], in_chans: int) -> tuple[float, ...]:
@@ -25,15 +25,22 @@ def expand_stats(values: Sequence[float], in_chans: int) -> tuple[float, ...]:
 
 def build_transform(recipe: DatasetRecipe, image_size: int, in_chans: int, is_training: bool, augment: bool = True,
                     mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-                    normalize: bool = True) -> Callable:
+                    normalize: bool = True, extra: Optional[Mapping[str, Any]] = None) -> Callable:
     """The paper's transform for ``recipe`` at ``image_size``, producing ``in_chans`` normalised channels.
 
     Grayscale images become 3 identical channels when the model wants 3 (PIL ``convert("RGB")``), which
     is also why the dataset's 1-channel mean/std are replicated. ``normalize=False`` stops at the uint8
     tensor (timm's ``use_prefetcher`` output): a quarter of the bytes through worker queues and the host-to-GPU
     copy, with the float conversion and normalisation done on the device
-    (:class:`~timm_local.data.device_loader.DeviceBatches`, the same arithmetic).
+    (:class:`~timm_local.data.device_loader.DeviceBatches`, the same arithmetic). ``extra`` holds a recipe's
+    ``timm.data.create_transform`` knobs (``auto_augment``, ``re_prob``, ``re_mode``, ``re_count``,
+    ``color_jitter``): ImageNet-style data passes them to ``create_transform``; pad-and-crop data adds the
+    same timm pieces around its own crop (:func:`timm_augmentations`).
     """
+    extra = {k: v for k, v in (extra or {}).items() if v is not None}
+    if extra.get("re_prob") and not normalize and is_training and augment:  # timm would leave it to its prefetcher
+        raise ValueError("random erasing (--reprob) works on normalised images, and this run normalises on the "
+                         "device: add --no-device-normalize")
     from torchvision import transforms as T
 
     mean = expand_stats(mean if mean is not None else recipe.mean, in_chans)
@@ -46,11 +53,12 @@ def build_transform(recipe: DatasetRecipe, image_size: int, in_chans: int, is_tr
     if recipe.train_style == "imagenet":
         from timm.data import create_transform
 
+        train = is_training and augment
         tf = create_transform(
-            input_size=(in_chans, image_size, image_size), is_training=is_training and augment,
-            color_jitter=None,  # the paper uses random-resized crop + flip only
+            input_size=(in_chans, image_size, image_size), is_training=train,
             interpolation=recipe.interpolation, mean=mean, std=std, crop_pct=recipe.crop_pct,
             use_prefetcher=not normalize,
+            **{"color_jitter": None, **(extra if train else {})},  # the paper: random-resized crop + flip only
         )
         return T.Compose([convert, tf])
 
@@ -65,8 +73,40 @@ def build_transform(recipe: DatasetRecipe, image_size: int, in_chans: int, is_tr
         steps.append(T.RandomCrop(image_size, padding=pad))
         if recipe.hflip:
             steps.append(T.RandomHorizontalFlip())
-    steps += [T.ToTensor(), T.Normalize(mean, std)] if normalize else [T.PILToTensor()]
+    before, after = timm_augmentations(extra, image_size, mean) if is_training and augment else ([], [])
+    steps += [*before, T.ToTensor(), T.Normalize(mean, std), *after] if normalize else [*before, T.PILToTensor()]
     return T.Compose(steps)
+
+
+def timm_augmentations(extra: Mapping[str, Any], image_size: int, mean: Sequence[float]
+                       ) -> tuple[list[Callable], list[Callable]]:
+    """timm's auto-augment / colour jitter (on the image) and random erasing (on the tensor) for data whose
+    crop is the paper's pad-and-crop.
+
+    Why not ``create_transform``: its training transform always starts with a random-resized crop, which is
+    not the CIFAR/SVHN/STL-10 recipe. The policy choice below is the one of timm's ``transforms_imagenet_train``.
+    """
+    from torchvision import transforms as T
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+    from timm.data.random_erasing import RandomErasing
+
+    before: list[Callable] = []
+    policy = extra.get("auto_augment")
+    if policy:
+        params = {"translate_const": int(image_size * 0.45), "img_mean": tuple(min(255, round(255 * m)) for m in mean)}
+        if policy.startswith("rand"):
+            before.append(rand_augment_transform(policy, params))
+        elif policy.startswith("augmix"):
+            before.append(augment_and_mix_transform(policy, {**params, "translate_pct": 0.3}))
+        else:
+            before.append(auto_augment_transform(policy, params))
+    elif extra.get("color_jitter"):  # timm applies colour jitter only without an auto-augment policy
+        before.append(T.ColorJitter(*(float(extra["color_jitter"]),) * 3))
+    after: list[Callable] = []
+    if extra.get("re_prob"):
+        after.append(RandomErasing(extra["re_prob"], mode=extra.get("re_mode", "pixel"),
+                                   max_count=extra.get("re_count", 1), device="cpu"))
+    return before, after
 
 
 class ConvertMode:

@@ -238,6 +238,7 @@ class PipelineTrainer:
         x: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
         backward: Backward | None = None,
+        sync: bool = True,
     ) -> PipelineStepOutput:
         """Process the next batch at this rank's segment: local forwards and backwards.
 
@@ -245,6 +246,9 @@ class PipelineTrainer:
         nothing). The k-th call on every rank processes the same batch k, so calls must be
         made the same number of times on every rank. Gradients are complete (and averaged
         across replicas) on return; the caller steps the optimizer before the next call.
+        ``sync=False`` (gradient accumulation: not the last micro-batch of an optimizer step) adds
+        this batch's gradients to those already there without averaging across replicas; the
+        call with ``sync=True`` then averages the sum once.
         """
         step_start = time.perf_counter()
         if self.is_first:
@@ -283,7 +287,7 @@ class PipelineTrainer:
                 backward(loss)
             if stage.head is not None:
                 stage.head.after_backward()
-            if self._replica_group is not None:
+            if sync and self._replica_group is not None:
                 reductions.append(GradientAverage(self._stage_params[j], self.num_replicas,
                                                   self._replica_group, self.comm_device))
             losses[j] = loss.detach()

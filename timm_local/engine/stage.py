@@ -10,11 +10,10 @@ import contextlib
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-from ..methods.base import LocalStage
+from ..methods.base import LocalStage, classification_loss
 from ..partition import Partition
 from .speed import match_memory_format
 
@@ -71,7 +70,7 @@ def _stage_loss(partition: Partition, stage: LocalStage, h: torch.Tensor, target
                 inputs: torch.Tensor, cascade: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     if stage.head is None:
         logits = partition.top(h)
-        return F.cross_entropy(logits, target), logits
+        return classification_loss(logits, target), logits
     if cascade:
         return stage.head.cascade_loss(h, target, inputs)
     return stage.head.local_loss(h, target, inputs)

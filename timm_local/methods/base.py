@@ -18,6 +18,20 @@ import torch.nn.functional as F
 from ..partition import Partition
 
 
+def classification_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against class labels, or against class distributions (label smoothing, mixup/cutmix).
+
+    Every local loss and the network's own go through this one function, so a recipe's targets reach
+    them all alike. Soft targets use timm's ``SoftTargetCrossEntropy`` (what timm's train.py uses with
+    mixup or smoothing); labels keep ``F.cross_entropy``, bit for bit the paper's loss.
+    """
+    if target.ndim == 1:
+        return F.cross_entropy(logits, target)
+    from timm.loss import SoftTargetCrossEntropy
+
+    return SoftTargetCrossEntropy()(logits, target)
+
+
 class LocalHead(nn.Module):
     """An auxiliary network and its local loss.
 
@@ -31,7 +45,7 @@ class LocalHead(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(loss, logits or None). ``inputs`` is the network input, for reconstruction losses."""
         logits = self(features)
-        return F.cross_entropy(logits, target), logits
+        return classification_loss(logits, target), logits
 
     def cascade_loss(
         self, features: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor
@@ -70,6 +84,9 @@ class LocalMethod(ABC):
     """A local learning rule. Subclasses take their hyper-parameters in ``__init__``."""
 
     name: ClassVar[str]
+    #: Why the method's losses need class labels, if they cannot take class distributions (label smoothing,
+    #: mixup/cutmix); None: every loss takes them.
+    labels_only: ClassVar[str | None] = None
 
     @abstractmethod
     def build(self, partition: Partition, num_classes: int) -> list[LocalStage]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..partition import Partition, init_like_primary
 from ._shared import InfoProDecoder, require_feature_maps
-from .base import LocalHead, LocalMethod, LocalStage, register_method
+from .base import LocalHead, LocalMethod, LocalStage, classification_loss, register_method
 from .infopro import InfoProClassifier, ReconstructionWeights, classifier_width, infopro_conv
 from .modules import LocalModules
 
@@ -72,13 +72,13 @@ class PatchFusionHead(LocalHead):
         self, features: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(features)
-        return F.cross_entropy(logits, target), logits
+        return classification_loss(logits, target), logits
 
     def cascade_loss(
         self, features: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.cascade_classifier(features)
-        loss = self.lambda_x * self.decoder.loss(features, inputs) + self.lambda_y * F.cross_entropy(logits, target)
+        loss = self.lambda_x * self.decoder.loss(features, inputs) + self.lambda_y * classification_loss(logits, target)
         return loss, logits
 
     def extra_repr(self) -> str:

@@ -19,7 +19,6 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..partition import Partition
 from ._shared import (
@@ -31,7 +30,7 @@ from ._shared import (
     next_downsampling,
     resolve_loss_weights,
 )
-from .base import LocalHead, LocalMethod, LocalStage, register_method
+from .base import LocalHead, LocalMethod, LocalStage, classification_loss, register_method
 from .modules import LocalModules
 
 
@@ -72,7 +71,7 @@ class ReconstructionHead(LocalHead):
         self, features: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(features)
-        loss = self.lambda_x * self.decoder.loss(features, inputs) + self.lambda_y * F.cross_entropy(logits, target)
+        loss = self.lambda_x * self.decoder.loss(features, inputs) + self.lambda_y * classification_loss(logits, target)
         return loss, logits
 
     def extra_repr(self) -> str:

@@ -21,12 +21,11 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..partition import Partition
 from ._shared import InfoProDecoder, module_stages
 from .auglocal import downsampling_strides
-from .base import LocalHead, LocalMethod, LocalStage, register_method
+from .base import LocalHead, LocalMethod, LocalStage, classification_loss, register_method
 from .infopro import InfoProClassifier, ReconstructionWeights, classifier_width, infopro_conv
 from .modules import LocalModules
 
@@ -84,7 +83,7 @@ class MomentumBlockHead(LocalHead):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.aux_input(features)
         logits = self.classifier(y)
-        loss = self.lambda_x * self.decoder.loss(y, inputs) + self.lambda_y * F.cross_entropy(logits, target)
+        loss = self.lambda_x * self.decoder.loss(y, inputs) + self.lambda_y * classification_loss(logits, target)
         return loss, logits
 
     @torch.no_grad()

@@ -98,6 +98,8 @@ class PredSim(LocalModules, LocalMethod):
     the prediction head's input (512 in AugLocal's comparison).
     """
 
+    labels_only = "its similarity-matching loss compares the similarity of one-hot labels"
+
     def __init__(self, sim_weight: float = 0.99, max_features: int = 512, local_modules: int | None = None,
                  local_module_ends: Sequence[int] | None = None) -> None:
         self._init_modules(local_modules, local_module_ends)

@@ -11,7 +11,8 @@ into a live run), ``legacy`` / ``migrate`` (the older pickle format, read safely
 ``resume`` (which checkpoint, compatibility, changes, history), ``lock`` (one writer per run folder),
 ``preempt`` (SIGTERM/SIGUSR1 save and stop), ``finite`` (nothing non-finite stepped or saved), ``metrics``
 (metrics.jsonl + trackers), ``evaluate``, ``run`` (reading and exporting finished run folders), ``plot``
-(learning curves).
+(learning curves), ``starting`` (the weights a run starts from), ``targets`` (labels, or smoothed / mixed
+class distributions), ``weights`` (the best epoch's backbone, the EMA, what is exported).
 """
 from __future__ import annotations
 

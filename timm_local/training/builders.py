@@ -5,6 +5,7 @@ wrapper): see :mod:`timm_local.training.runners`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from datetime import timedelta
@@ -22,10 +23,10 @@ from .checkpoint import register_for_checkpointing
 from .metrics import tracker_names
 from .state import TrainState
 
-__all__ = ["Schedule", "apply_speed_options", "build_backbone", "build_local_model", "check_precision",
-           "device_batches", "eval_batch_size", "freeze_batchnorm", "has_accelerator", "make_accelerator",
-           "make_loader", "method_kwargs", "normalize_on_device", "prepare_optimization", "restart_schedule",
-           "run_datasets", "tune_convolutions"]
+__all__ = ["Schedule", "apply_speed_options", "augmentation_options", "build_backbone", "build_local_model",
+           "check_precision", "device_batches", "eval_batch_size", "freeze_batchnorm", "has_accelerator",
+           "make_accelerator", "make_loader", "method_kwargs", "normalize_on_device", "prepare_optimization",
+           "restart_schedule", "run_datasets", "settled_by_accelerate", "tune_convolutions"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,11 @@ def has_accelerator() -> bool:
 
 
 def check_precision(cfg: TrainConfig) -> None:
-    """fp16 needs a GPU: Accelerate would otherwise train fp32 while the run's config says fp16."""
+    """fp16 needs a GPU: Accelerate would otherwise train fp32 while the run's config says fp16.
+
+    Called with the precision Accelerate settled on (:func:`settled_by_accelerate`), so an fp16 that came
+    from Accelerate's own configuration is refused as clearly as ``--mixed-precision fp16``.
+    """
     if cfg.mixed_precision == "fp16" and (cfg.cpu or not has_accelerator()):
         raise ConfigError("--mixed-precision fp16 needs a GPU (its gradient scaling is CUDA-only) and this run is on "
                           "the CPU; use --mixed-precision bf16 (works on CPUs) or no")
@@ -51,9 +56,15 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Any:
     The seedable sampler makes the data order a function of (seed, epoch), which exact resume needs.
     ``--collective-timeout`` becomes the process group's timeout: a dead or hung process (another node
     lost) stops the run with an error instead of a hang.
+
+    Precision and gradient accumulation left at None are Accelerate's to decide (its config file through
+    ``accelerate launch``, ``ACCELERATE_*`` variables); a value given is passed so that it wins. The
+    accumulation goes in as a plugin because a plain ``gradient_accumulation_steps`` argument is itself
+    overridden by ``ACCELERATE_GRADIENT_ACCUMULATION_STEPS``.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import (DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs,
+                                  ProjectConfiguration)
 
     if not cfg.collective_timeout > 0:
         raise ValueError(f"--collective-timeout must be a positive number of seconds, got {cfg.collective_timeout}")
@@ -66,8 +77,10 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Any:
     cpu = cfg.cpu or (launched and not has_accelerator())
     if launched and not cpu and torch.cuda.is_available():
         check_gpus_per_node(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
+    accumulation = (None if cfg.grad_accum_steps is None
+                    else GradientAccumulationPlugin(num_steps=cfg.grad_accum_steps))
     return Accelerator(
-        cpu=cpu,
+        cpu=cpu, gradient_accumulation_plugin=accumulation,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))],
         mixed_precision=cfg.mixed_precision,
         log_with=trackers or None,
@@ -76,6 +89,13 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Any:
                                                   non_blocking=torch.cuda.is_available() and not cpu),
         step_scheduler_with_optimizer=False,
     )
+
+
+def settled_by_accelerate(cfg: TrainConfig, accelerator: Any) -> TrainConfig:
+    """``cfg`` with the precision and gradient accumulation the accelerator uses: config.yaml, checkpoints
+    and the start line then say what the run did, whoever decided it."""
+    return dataclasses.replace(cfg, mixed_precision=str(accelerator.mixed_precision),
+                               grad_accum_steps=int(accelerator.gradient_accumulation_steps))
 
 
 def method_kwargs(cfg: TrainConfig) -> dict[str, Any]:
@@ -109,11 +129,24 @@ def build_backbone(cfg: TrainConfig, data: DataConfig) -> nn.Module:
     The data's preprocessing goes into the model's ``pretrained_cfg`` (timm's ``pretrained_cfg_overlay``):
     methods that reconstruct the input (InfoPro) de-normalise with the statistics the data pipeline
     actually used, and the export carries them.
+
+    ``--pretrained`` / ``--initial-checkpoint`` load their weights here (:mod:`.starting`); ``--drop-rate`` and
+    ``--drop-path-rate`` are timm's ``drop_rate`` / ``drop_path_rate`` arguments.
     """
     from ..model import create_backbone
+    from .starting import starting_weights
 
-    return create_backbone(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans,
-                           pretrained_cfg_overlay=data.pretrained_cfg(), **dict(cfg.model_kwargs or {}))
+    start = starting_weights(cfg)
+    kwargs = {k: v for k, v in (("drop_rate", cfg.drop_rate), ("drop_path_rate", cfg.drop_path_rate)) if v is not None}
+    try:
+        return create_backbone(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans,
+                               pretrained=start.pretrained, pretrained_cfg_overlay={**data.pretrained_cfg(),
+                                                                                    **start.overlay},
+                               **{**kwargs, **dict(cfg.model_kwargs or {})})
+    except (RuntimeError, OSError) as e:  # timm's and huggingface_hub's "no weights" / "not in the offline cache"
+        if not start.pretrained:
+            raise
+        raise ConfigError(f"cannot load the starting weights ({start.source}): {e}") from e
 
 
 def build_local_model(cfg: TrainConfig, data: DataConfig) -> Any:
@@ -167,7 +200,8 @@ def run_datasets(cfg: TrainConfig, normalize: bool = True) -> tuple[Any, Any, Da
             cfg.dataset, cfg.data_dir, image_size=cfg.image_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
             augment=cfg.augment, seed=cfg.seed, mean=cfg.mean, std=cfg.std, image_column=cfg.image_column,
             label_column=cfg.label_column, model=cfg.model, model_kwargs=cfg.model_kwargs, normalize=normalize,
-            streaming=cfg.streaming, batch_size=cfg.batch_size, workers=cfg.workers)
+            streaming=cfg.streaming, batch_size=cfg.batch_size, workers=cfg.workers,
+            augmentation=augmentation_options(cfg))
     except CorruptImageError:
         raise
     except ValueError as e:  # a dataset that does not fit the run's settings (classes, columns, layout)
@@ -176,6 +210,12 @@ def run_datasets(cfg: TrainConfig, normalize: bool = True) -> tuple[Any, Any, Da
         raise ConfigError(f"the training set has {data.train_size} images, fewer than one batch ({cfg.batch_size}); "
                          f"lower --batch-size")
     return train_set, test_set, data
+
+
+def augmentation_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The recipe's ``timm.data.create_transform`` knobs, under create_transform's argument names."""
+    return {"auto_augment": cfg.aa, "re_prob": cfg.reprob, "re_mode": cfg.remode, "re_count": cfg.recount,
+            "color_jitter": cfg.color_jitter, "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation}
 
 
 def eval_batch_size(cfg: TrainConfig, world: int) -> int:

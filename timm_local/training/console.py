@@ -27,8 +27,10 @@ def start_line(cfg: TrainConfig, data: Any, lm: Any, output_dir: Path, world: in
             f"{data.train_size} train / {data.test_size} test images, {data.num_classes} classes, "
             f"{data.in_chans}x{data.image_size}x{data.image_size}{size_source}; "
             f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} "
-            f"of batch {cfg.batch_size} "
-            f"on {world} process{'es' if world > 1 else ''}; run folder {output_dir}")
+            f"of batch {cfg.batch_size}"
+            f"{f' ({cfg.grad_accum_steps} accumulated micro-batches)' if (cfg.grad_accum_steps or 1) > 1 else ''} "
+            f"on {world} process{'es' if world > 1 else ''}, mixed precision {cfg.mixed_precision}; "
+            f"run folder {output_dir}")
 
 
 def memory_route_line(device: Any) -> str:
@@ -49,6 +51,8 @@ def epoch_line(epoch: int, epochs: int, train_loss: Optional[float], eval_row: O
     loss = f"train loss {train_loss:.4f}" if train_loss is not None else "train loss n/a"
     if eval_row is not None:
         top1 = f"test top-1 {eval_row['top1']:.2f}% (best {eval_row['best_top1']:.2f}%)"
+        top1 += f", top-5 {eval_row['top5']:.2f}%" if "top5" in eval_row else ""
+        top1 += f", EMA top-1 {eval_row['ema_top1']:.2f}%" if "ema_top1" in eval_row else ""
     else:
         top1 = "not evaluated (--eval-every)"
     stopped = " (stopped inside it: --max-steps)" if partial else ""

@@ -27,6 +27,7 @@ from ..version import __version__
 from .builders import build_backbone, build_local_model
 from .checkpoint import CHECKPOINT_DIR, load_model_state, newest_verified, verify_checkpoint
 from .metrics import read_metrics
+from .starting import weights_source
 from .state import TrainState
 
 __all__ = ["CONFIG_NAME", "EXPORT_DIR", "SavedRun", "export_run", "export_trained", "load_local_model",
@@ -38,22 +39,24 @@ logger = logging.getLogger(__name__)
 
 
 def _export_metadata(cfg: TrainConfig, data: DataConfig, state: TrainState, method_name: str,
-                     method_config: dict[str, Any]) -> dict[str, Any]:
+                     method_config: dict[str, Any], which: Optional[str] = None) -> dict[str, Any]:
     return {
         "method": method_name, "method_config": method_config, **method_config,
         "dataset": data.dataset, "model": cfg.model, "image_size": data.image_size,
         "top1": state.last_top1, "best_top1": state.best_top1, "best_epoch": state.best_epoch,
         "epochs": state.epoch, "global_step": state.global_step, "batch_size": cfg.batch_size, "lr": cfg.lr,
         "seed": cfg.seed, "timm_local_version": __version__,
+        **dict(zip(("weights_from", "base_model"), weights_source(cfg))), "exported_weights": which,
     }
 
 
 def export_trained(backbone: nn.Module, method_name: str, method_config: dict[str, Any], export_dir: Path,
-                   cfg: TrainConfig, data: DataConfig, state: TrainState) -> Path:
-    """Export a trained backbone with the run's preprocessing, class names and training metadata."""
+                   cfg: TrainConfig, data: DataConfig, state: TrainState, which: Optional[str] = None) -> Path:
+    """Export a trained backbone with the run's preprocessing, class names and training metadata (``which``:
+    the weights these are, e.g. the best epoch's)."""
     return export_backbone(
         backbone, export_dir, data_config=data.pretrained_cfg(),
-        metadata=_export_metadata(cfg, data, state, method_name, method_config), label_names=data.classes)
+        metadata=_export_metadata(cfg, data, state, method_name, method_config, which), label_names=data.classes)
 
 
 @dataclass
@@ -66,6 +69,7 @@ class SavedRun:
     data: DataConfig
     meta: dict[str, Any]
     model_state: dict[str, torch.Tensor]  # the whole LocalModel: "backbone.*" and the auxiliary heads
+    rebuild_cfg: TrainConfig  # ``cfg`` without its starting weights: what rebuilds the architecture
 
 
 def read_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None,
@@ -85,10 +89,12 @@ def read_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] =
     meta = verify_checkpoint(ckpt, trust_pickle)
     field_names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in resolved.items() if k in field_names})
+    # the trained weights are in the checkpoint: rebuilding the model must not fetch the starting ones again
+    rebuild = dataclasses.replace(cfg, pretrained=False, initial_checkpoint=None)
     data_fields = {f.name for f in dataclasses.fields(DataConfig)}
     data = DataConfig(**{k: v for k, v in resolved["data"].items() if k in data_fields})
     data.mean, data.std = tuple(data.mean), tuple(data.std)
-    return SavedRun(run_dir, ckpt, cfg, data, meta, load_model_state(ckpt, trust_pickle))
+    return SavedRun(run_dir, ckpt, cfg, data, meta, load_model_state(ckpt, trust_pickle), rebuild)
 
 
 def load_local_model(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None) -> tuple[Any, SavedRun]:
@@ -98,7 +104,7 @@ def load_local_model(run_dir: Union[str, Path], checkpoint: Optional[Union[str, 
     local objectives themselves, e.g. how well each block's head classifies (benchmarks/head_accuracy.py).
     """
     run = read_run(run_dir, checkpoint)
-    lm = build_local_model(run.cfg, run.data)
+    lm = build_local_model(run.rebuild_cfg, run.data)
     lm.load_state_dict(run.model_state)
     return lm, run
 
@@ -113,9 +119,10 @@ def export_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]]
     run = read_run(run_dir, checkpoint, trust_pickle)
     cfg, data = run.cfg, run.data
     backbone_state = {k[len("backbone."):]: v for k, v in run.model_state.items() if k.startswith("backbone.")}
-    backbone = build_backbone(cfg, data)
+    backbone = build_backbone(run.rebuild_cfg, data)
     backbone.load_state_dict(backbone_state)
     state = TrainState()
     state.load_state_dict(run.meta.get("train_state", {}))
     return export_trained(backbone, run.meta["method"], run.meta.get("method_config", {}),
-                          Path(export_dir) if export_dir else run.run_dir / EXPORT_DIR, cfg, data, state)
+                          Path(export_dir) if export_dir else run.run_dir / EXPORT_DIR, cfg, data, state,
+                          f"the weights of checkpoint {run.checkpoint.name}")

@@ -13,20 +13,21 @@ arithmetic by :mod:`timm_local.distributed` instead, and parameters start from p
 """
 from __future__ import annotations
 
+import itertools
 from datetime import timedelta
 from typing import Any, Iterable, Iterator, Optional, Protocol
 
 import torch
 from torch.utils.data import IterableDataset
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..data import DataConfig
 from ..distributed import average_gradients
 from .builders import apply_speed_options, device_batches, make_loader, normalize_on_device
 from .samplers import ResumableDistributedSampler
 
-__all__ = ["PipelineRunner", "RUNNERS", "Runner", "SequentialRunner", "make_runner", "pipeline_layout",
-           "stream_batches"]
+__all__ = ["PipelineRunner", "RUNNERS", "Runner", "SequentialRunner", "make_runner", "micro_batch_groups",
+           "pipeline_layout", "stream_batches"]
 
 
 class Runner(Protocol):
@@ -37,8 +38,9 @@ class Runner(Protocol):
     per_process_batch: int
     errors_agreed: bool  # every process learns of another's non-finite loss (else only the one that saw it)
 
-    def check_launch(self, world_size: int) -> None:
-        """Refuse a launch this engine cannot run (before anything is written)."""
+    def check_launch(self, world_size: int, accum: int = 1) -> None:
+        """Refuse a launch this engine cannot run (before anything is written); ``accum`` micro-batches make
+        one optimizer step."""
 
     def attach(self, accelerator: Any, lm: Any, train_set: Any, data: DataConfig) -> None:
         """Take the built model and training set (collectives: every process calls it)."""
@@ -46,11 +48,14 @@ class Runner(Protocol):
     def runtime(self) -> dict[str, Any]:
         """Facts about the run's layout for ``config.yaml``'s ``runtime`` section."""
 
-    def batches(self, epoch: int, skip: int) -> Iterable[tuple[Any, Any]]:
-        """``(x, y)`` for each remaining step of ``epoch`` after ``skip`` steps (mid-epoch resume)."""
+    def batches(self, epoch: int, skip: int) -> Iterable[list[tuple[Any, Any]]]:
+        """The ``accum`` micro-batches ``(x, y)`` of each remaining optimizer step of ``epoch`` after ``skip``
+        steps (mid-epoch resume)."""
 
-    def step(self, x: Any, y: Any) -> dict[str, torch.Tensor]:
-        """One local step (forward and per-stage backward); per-stage sums (:func:`~timm_local.engine.stage_sums`).
+    def step(self, x: Any, y: Any, sync: bool = True) -> dict[str, torch.Tensor]:
+        """One local step on a micro-batch (forward and per-stage backward, gradients added to those already
+        there); per-stage sums (:func:`~timm_local.engine.stage_sums`). ``sync``: the last micro-batch of an
+        optimizer step, after which an engine that averages during the step may do so.
 
         Raises ``FloatingPointError`` before any optimizer step when a local loss is not finite.
         """
@@ -77,12 +82,12 @@ class SequentialRunner:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
 
-    def check_launch(self, world_size: int) -> None:
-        if self.cfg.batch_size % world_size:
-            raise ValueError(f"batch_size={self.cfg.batch_size} (global) must be divisible by the {world_size} "
-                             f"processes")
-        self.world = world_size
-        self.per_process_batch = self.cfg.batch_size // world_size
+    def check_launch(self, world_size: int, accum: int = 1) -> None:
+        if self.cfg.batch_size % (world_size * accum):
+            raise ConfigError(f"batch_size={self.cfg.batch_size} (global, per optimizer step) must be divisible by "
+                             f"the {world_size} processes x {accum} gradient accumulation steps")
+        self.world, self.accum = world_size, accum
+        self.per_process_batch = self.cfg.batch_size // (world_size * accum)
 
     def attach(self, accelerator: Any, lm: Any, train_set: Any, data: DataConfig) -> None:
         from accelerate.utils import broadcast
@@ -94,9 +99,10 @@ class SequentialRunner:
             self.loader = make_loader(train_set, self.per_process_batch, self.cfg)
             self.steps_per_epoch = train_set.num_samples // self.cfg.batch_size
         else:
-            loader = make_loader(train_set, self.cfg.batch_size, self.cfg, shuffle=True, drop_last=True)
+            loader = make_loader(train_set, self.cfg.batch_size // self.accum, self.cfg, shuffle=True,
+                                 drop_last=True)
             self.loader = accelerator.prepare(loader)  # shards the global batch (split_batches)
-            self.steps_per_epoch = len(self.loader)
+            self.steps_per_epoch = len(self.loader) // self.accum
         broadcast(list(lm.state_dict().values()), from_process=0)  # DDP's start-up broadcast
         apply_speed_options(self.cfg, lm)  # after the broadcast: it sends contiguous tensors only
         self.params = [p for p in lm.parameters() if p.requires_grad]
@@ -104,19 +110,23 @@ class SequentialRunner:
     def runtime(self) -> dict[str, Any]:
         return {}
 
-    def batches(self, epoch: int, skip: int) -> Iterable[tuple[Any, Any]]:
+    def batches(self, epoch: int, skip: int) -> Iterable[list[tuple[Any, Any]]]:
         self.train_set.set_epoch(epoch)
         if self.stream:
             loader = device_batches(self.loader, self.data, self.accelerator.device, self.on_device, move=True)
-            return stream_batches(loader, self.steps_per_epoch, skip)
+            return micro_batch_groups(stream_batches(loader, self.steps_per_epoch * self.accum, skip * self.accum),
+                                      self.accum, self.steps_per_epoch - skip)
         self.loader.set_epoch(epoch)
         loader = self.loader
         if skip:  # at the batch-sampler level: the skipped batches are never read or decoded
-            loader = self.accelerator.skip_first_batches(self.loader, skip)
+            loader = self.accelerator.skip_first_batches(self.loader, skip * self.accum)
             loader.set_epoch(epoch)
-        return device_batches(loader, self.data, self.accelerator.device, self.on_device)
+        loader = device_batches(loader, self.data, self.accelerator.device, self.on_device)
+        return micro_batch_groups(loader, self.accum, self.steps_per_epoch - skip)
 
-    def step(self, x: Any, y: Any) -> dict[str, torch.Tensor]:
+    def step(self, x: Any, y: Any, sync: bool = True) -> dict[str, torch.Tensor]:
+        # accelerator.backward divides every local loss by the accumulation steps: N summed micro-batch
+        # gradients are the mean over the whole batch, as in one step on it
         return self.lm.local_step(x, y, backward=self.accelerator.backward).sums(y)
 
     def agree_on_error(self, error: Optional[str]) -> Optional[str]:
@@ -139,7 +149,7 @@ class SequentialRunner:
         pass
 
 
-def pipeline_layout(cfg: TrainConfig, world: int) -> tuple[int, int]:
+def pipeline_layout(cfg: TrainConfig, world: int, accum: int = 1) -> tuple[int, int]:
     """(W, R) for ``world`` processes, or a ValueError saying how to launch."""
     w = cfg.pipeline_segments or world
     if w < 1:
@@ -153,8 +163,9 @@ def pipeline_layout(cfg: TrainConfig, world: int) -> tuple[int, int]:
     if world % w:
         raise ValueError(f"--pipeline-segments {w} does not divide the {world} processes (world = W*R replicas)")
     r = world // w
-    if cfg.batch_size % r:
-        raise ValueError(f"batch_size={cfg.batch_size} (global) must be divisible by the R={r} pipeline replicas")
+    if cfg.batch_size % (r * accum):
+        raise ConfigError(f"batch_size={cfg.batch_size} (global, per optimizer step) must be divisible by the R={r} "
+                         f"pipeline replicas x {accum} gradient accumulation steps")
     return w, r
 
 
@@ -171,9 +182,10 @@ class PipelineRunner:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
 
-    def check_launch(self, world_size: int) -> None:
-        self.segments, self.replicas = pipeline_layout(self.cfg, world_size)
-        self.per_process_batch = self.cfg.batch_size // self.replicas
+    def check_launch(self, world_size: int, accum: int = 1) -> None:
+        self.segments, self.replicas = pipeline_layout(self.cfg, world_size, accum)
+        self.accum = accum
+        self.per_process_batch = self.cfg.batch_size // (self.replicas * accum)
         self.label = f" pipeline W={self.segments} R={self.replicas}"
 
     def attach(self, accelerator: Any, lm: Any, train_set: Any, data: DataConfig) -> None:
@@ -201,19 +213,20 @@ class PipelineRunner:
     def runtime(self) -> dict[str, Any]:
         return {"pipeline": {"segments": self.segments, "replicas": self.replicas, "cut": list(self.trainer.cut)}}
 
-    def batches(self, epoch: int, skip: int) -> Iterable[tuple[Any, Any]]:
+    def batches(self, epoch: int, skip: int) -> Iterable[list[tuple[Any, Any]]]:
         loader = None
         if self.loader is not None:
             self.train_set.set_epoch(epoch)
             self.loader.sampler.set_epoch(epoch)
             # mid-epoch resume: the order is a function of (seed, epoch); the sampler drops the consumed
             # batches' indices, so they are never read or decoded
-            self.loader.sampler.skip = skip * self.per_process_batch
+            self.loader.sampler.skip = skip * self.accum * self.per_process_batch
             loader = device_batches(self.loader, self.data, self.accelerator.device, self.on_device)
-        return self.trainer.iterate(loader, steps=self.steps_per_epoch - skip)
+        steps = self.steps_per_epoch - skip
+        return micro_batch_groups(self.trainer.iterate(loader, steps=steps * self.accum), self.accum, steps)
 
-    def step(self, x: Any, y: Any) -> dict[str, torch.Tensor]:
-        out = self.trainer.step(x, y, backward=self.accelerator.backward)
+    def step(self, x: Any, y: Any, sync: bool = True) -> dict[str, torch.Tensor]:
+        out = self.trainer.step(x, y, backward=self.accelerator.backward, sync=sync)
         return out.dense(len(self.lm.stages))
 
     def agree_on_error(self, error: Optional[str]) -> Optional[str]:
@@ -228,6 +241,18 @@ class PipelineRunner:
 
     def close(self) -> None:
         self.trainer.close()
+
+
+def micro_batch_groups(batches: Iterable[tuple[Any, Any]], accum: int, steps: int
+                       ) -> Iterator[list[tuple[Any, Any]]]:
+    """``steps`` lists of ``accum`` consecutive micro-batches: the micro-batches of each optimizer step (the
+    epoch's last micro-batches that do not fill a step are left, as ``drop_last`` leaves a short batch)."""
+    it = iter(batches)
+    for _ in range(steps):
+        group = list(itertools.islice(it, accum))
+        if len(group) < accum:
+            return
+        yield group
 
 
 def stream_batches(loader: Iterable[Any], steps: int, skip: int) -> Iterator[Any]:

@@ -17,7 +17,8 @@ class TrainState:
     step_in_epoch: int = 0  # optimizer steps already done in `epoch`
     global_step: int = 0
     best_top1: float = -1.0
-    best_epoch: int = -1
+    best_epoch: int = -1  # the epoch best by --eval-metric (epoch-end evaluations only)
+    best_metric: Optional[float] = None  # its --eval-metric value
     last_top1: Optional[float] = None
     train_time_s: float = 0.0
     #: the train-metric sums since the last train row, summed over processes (:class:`~.metrics.TrainWindow`)
