@@ -20,12 +20,13 @@ KNOWN_CIRCLES: dict[str, frozenset[str]] = {
     # validation only (config imports cli's parser; cli's error table imports config, data, training).
     # timm_options, training.starting, .targets and .weights join it only through the error classes they
     # raise (cli.UsageError, config.ConfigError): error classes in a leaf module cut them out with the rest.
+    # training.trainer and .hooks join it only through the modules they use (builders, console, weights).
     "cli-config-training": frozenset({
         "timm_local.cli", "timm_local.config", "timm_local.training", "timm_local.training.builders",
         "timm_local.training.console", "timm_local.training.loop", "timm_local.training.resolved",
         "timm_local.training.resume", "timm_local.training.run", "timm_local.training.runners",
         "timm_local.timm_options", "timm_local.training.starting", "timm_local.training.targets",
-        "timm_local.training.weights",
+        "timm_local.training.weights", "timm_local.training.trainer", "timm_local.training.hooks",
     }),
     # Still to be cut: cost.cost_report (a report) runs process_cost's fresh-process measurement, which
     # measures with cost's live-tensor tracker (a primitive); the report belongs above both.
