@@ -27,6 +27,7 @@ class Recorder(Hook):
     def before_train(self) -> None:
         self.record("before_train")
         self.seen["hooks"] = [type(h).__name__ for h in self.trainer.hooks]
+        self.seen["hook_objects"] = list(self.trainer.hooks)
 
     def before_epoch(self) -> None:
         self.record("before_epoch")
@@ -103,3 +104,22 @@ def test_a_non_finite_stop_reaches_user_hooks_through_on_stop(tmp_path):
     assert recorder.calls == [("before_train", 0), ("before_epoch", 0), ("before_step", 0), ("on_stop", 0)]
     assert isinstance(recorder.seen["stop"], NonFiniteLossError)
     assert [r["kind"] for r in read_metrics(tmp_path / "run")] == ["error"]
+
+
+class Failing(Hook):
+    """A user's job that fails at step 2."""
+
+    def after_step(self) -> None:
+        if self.trainer.state.global_step == 2:
+            raise ValueError("the job failed")
+
+
+def test_any_error_reaches_every_hook_through_on_stop(tmp_path):
+    recorder = Recorder()
+    cfg = tiny(tmp_path / "run")
+    with pytest.raises(ValueError, match="the job failed"):
+        fit(cfg, make_runner(cfg), hooks=[Failing(), recorder])
+    assert recorder.calls[-2:] == [("after_backward", 1), ("on_stop", 2)]  # Failing stopped step 2's calls
+    assert isinstance(recorder.seen["stop"], ValueError)
+    progress = next(h for h in recorder.seen["hook_objects"] if type(h).__name__ == "Progress")
+    assert progress.bar.disable  # the bar was closed (tqdm disables a closed bar)

@@ -11,8 +11,8 @@ variables) and calls every hook, in the order they were registered, at each poin
                  per step:  before_step, (forward/backward) after_backward, (optimizer step) after_step
                  after_epoch
     after_train
-    on_stop(error)    instead of the remaining calls, when a hook stops the run (non-finite, preempted,
-                      a checkpoint that could not be written)
+    on_stop(error)    instead of the remaining calls, when the run stops with an error (a hook's stop:
+                      non-finite, preempted, a checkpoint that could not be written; or any other)
 
 The built-in hooks and their order are in :mod:`.hooks` (:func:`~.hooks.default_hooks`); a user's hooks
 (``fit(cfg, runner, hooks=[...])``) run after them. The order is part of the behaviour: a resumed run is
@@ -28,19 +28,18 @@ from typing import Any, Optional, Sequence
 
 from ..config import TrainConfig
 from .builders import freeze_batchnorm
-from .checkpoint import CheckpointWriteError
 from .finite import NonFiniteLossError
 from .metrics import MetricsLog, TrainWindow
 from .preempt import Preempted
 from .state import TrainState
 
-__all__ = ["HOOK_EVENTS", "Hook", "STOPS", "Trainer"]
+__all__ = ["HOOK_EVENTS", "Hook", "Trainer"]
 
-#: The calls a hook receives, in the order of one step (``on_stop`` only when the run is stopped).
+#: The calls a hook receives, in the order of one step (``on_stop`` only when the run stops with an error).
 HOOK_EVENTS = ("before_train", "before_epoch", "before_step", "after_backward", "after_step", "after_epoch",
                "after_train", "on_stop")
-#: The errors by which hooks stop a run; the hooks see them through ``on_stop`` before they propagate.
-STOPS = (NonFiniteLossError, Preempted, CheckpointWriteError)
+#: The stops after which the trackers are ended as at a normal end (the run's records are complete up to them).
+ENDS_TRACKERS = (NonFiniteLossError, Preempted)
 
 
 class Hook:
@@ -72,7 +71,7 @@ class Hook:
         """After the last epoch, before the export."""
 
     def on_stop(self, error: BaseException) -> None:
-        """The run stops with ``error`` (one of :data:`STOPS`): release what the hook holds."""
+        """The run stops with ``error`` (raised by a hook, the engine or the data): release what the hook holds."""
 
 
 class Trainer:
@@ -123,9 +122,9 @@ class Trainer:
             while not self.stopped_early and self.state.epoch < self.cfg.epochs:
                 self.run_epoch()
             self.call("after_train")
-        except STOPS as e:
+        except BaseException as e:
             self.call("on_stop", e)
-            if not isinstance(e, CheckpointWriteError):  # the trackers end with the run it ended
+            if isinstance(e, ENDS_TRACKERS):
                 self.accelerator.end_training()
             raise
 
