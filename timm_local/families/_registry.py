@@ -15,7 +15,7 @@ class FamilyAdapter(ABC):
     name: ClassVar[str]
     model_classes: ClassVar[tuple[type, ...]]
     #: How AugLocal's auxiliary copies are built. "paper": :meth:`make_block_like` builds a block of
-    #: the primary's type for any input width and stride 1 or 2 (AUGLOCAL.md §2.4-2.5). "shape": a
+    #: the primary's type for any input width and stride 1 or 2 (docs/spec.md §2.4-2.5). "shape": a
     #: copy only accepts its primary block's own input shape, so a projection adapts the auxiliary
     #: network's features to it (:meth:`make_shaped_copy`; the generic family, docs/method.md).
     copy_rule: ClassVar[str] = "paper"
