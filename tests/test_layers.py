@@ -3,7 +3,8 @@ that imports it back, and no module imports one of a higher layer (:data:`LAYERS
 
 Every import counts -- at the top, inside a function (a lazy import only hides a circle until
 the function runs), and under ``TYPE_CHECKING`` (a type that both sides need belongs in a leaf
-module both import). The modules are read with ``ast``; nothing is imported.
+module both import). The modules are read with ``ast``; only the command-line test imports one, in a
+fresh process.
 """
 from __future__ import annotations
 
