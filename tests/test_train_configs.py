@@ -7,7 +7,8 @@ import pytest
 import timm
 
 import timm_local
-from timm_local.config import TrainConfig, config_from_dict, load_yaml, parse_config
+from timm_local.cli import parse_config
+from timm_local.config import TrainConfig, config_from_dict, load_yaml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if "det" not in p.relative_to(CONFIGS).parts

@@ -6,7 +6,13 @@ from typing import ClassVar, Sequence, TypeVar
 
 import torch.nn as nn
 
+from ..errors import UserError
 from .spec import BlockSpec, PartitionView
+
+
+class UnsupportedModelError(UserError, NotImplementedError):
+    """A model timm_local cannot cut into local blocks: the message says why, lists the supported families
+    and how to add one."""
 
 
 class FamilyAdapter(ABC):
@@ -83,7 +89,7 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
         adapter = _ADAPTERS.get(cls)
         if adapter is not None and adapter.supports(model):
             return adapter
-    raise NotImplementedError(unsupported_message(model, "no family adapter is registered for it"))
+    raise UnsupportedModelError(unsupported_message(model, "no family adapter is registered for it"))
 
 
 def unsupported_message(model: nn.Module, reason: str) -> str:
