@@ -9,7 +9,7 @@ so any run here can be resumed or re-plotted with ``tools/plot.py``.
     python benchmarks/accuracy.py                                  # Fashion-MNIST, seeds 0 and 1, ~1 h per seed on 2 CPU cores
     python benchmarks/accuracy.py --seeds 0                        # one seed
     python benchmarks/accuracy.py --train-subset 0 --epochs 20     # full training set
-    # the paper's CIFAR-10 recipe (AUGLOCAL.md §5; a GPU and the data are needed):
+    # the paper's CIFAR-10 recipe (docs/spec.md §5; a GPU and the data are needed):
     python benchmarks/accuracy.py --dataset cifar10 --data-dir DATA --model resnet110_cifar \
         --train-subset 0 --epochs 400 --batch-size 1024 --lr 0.8 --warmup-epochs 10 --seeds 0 \
         --methods bp auglocal:2 auglocal:3 auglocal:4 auglocal:5 auglocal:6 dgl predsim infopro
@@ -175,7 +175,7 @@ def group_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def ordering_checks(groups: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The paper's claims (AUGLOCAL.md §4, issue 8's goal), judged on the seed means and within each seed.
+    """The paper's claims (docs/spec.md §4), judged on the seed means and within each seed.
 
     Returned rather than asserted: at a small budget a claim may fail, and the report must say so.
     """

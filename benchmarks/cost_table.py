@@ -46,7 +46,7 @@ from timm_local.process_cost import StepCase, process_step_memory
 
 DEFAULT_METHODS = "bp,checkpoint,predsim,dgl,infopro,auglocal:2,auglocal:3,auglocal:4,auglocal:5,auglocal:6"
 
-#: AUGLOCAL.md §4 (Table 2): ResNet-110, CIFAR-10, batch 1024, one RTX 3090, sequential implementation.
+#: docs/spec.md §4 (Table 2): ResNet-110, CIFAR-10, batch 1024, one RTX 3090, sequential implementation.
 PAPER_BP_MEMORY_GB = 9.27
 PAPER: dict[str, dict[str, Any]] = {
     "bp": {"gmacs": 0.25, "time_overhead_pct": 0.0, "memory_gb": 9.27},

@@ -91,7 +91,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
         "paper's CIFAR EfficientNet-B0 has no head conv).",
         "",
         "Why d=3 can cost more than d=4: an auxiliary layer downsamples at most once (stride 2, "
-        "AUGLOCAL.md §2.5), and these models downsample 4-5 times, so the two copied blocks of a "
+        "docs/spec.md §2.5), and these models downsample 4-5 times, so the two copied blocks of a "
         "d=3 network on an early block cannot reach the final resolution and run the widest "
         "blocks at 2-4x the primary's spatial size; deeper auxiliary networks have more layers to "
         "spread the downsampling over. The paper's ImageNet code has the same rule (one pooling "

@@ -3,7 +3,7 @@
 
 A local rule trains block ℓ only through its head G_ℓ, so the head's test accuracy says how much
 class information the local objective has put into layer ℓ; the paper's argument for AugLocal is
-that deeper, network-like heads make early layers more like BP's (AUGLOCAL.md §1). Plotting it
+that deeper, network-like heads make early layers more like BP's (docs/spec.md §1). Plotting it
 per layer for several rules shows where a rule loses accuracy, which the final accuracy alone
 cannot (issue 8's "is a head wrong?" question).
 

@@ -21,6 +21,8 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from torch import nn
 
+from timm_local.errors import UserError
+
 from .solver import build_optimizer
 from .weights import resolve_weights
 
@@ -41,7 +43,7 @@ logger = logging.getLogger(__name__)
 AP_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-class DetectionDataMissingError(FileNotFoundError):
+class DetectionDataMissingError(UserError, FileNotFoundError):
     """A dataset the config names has no annotation file or image folder on disk (said before training)."""
 
 

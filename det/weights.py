@@ -22,6 +22,8 @@ import timm
 import torch
 from torch import nn
 
+from timm_local.errors import UserError
+
 from .feature_names import stride_feature_name, wrapper_to_model_names
 
 __all__ = [
@@ -41,7 +43,7 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
-class WeightsMismatchError(RuntimeError):
+class WeightsMismatchError(UserError, RuntimeError):
     """The checkpoint was not saved from the architecture it is being loaded into."""
 
 

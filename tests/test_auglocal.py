@@ -1,4 +1,4 @@
-"""AugLocal's auxiliary networks, exactly as AUGLOCAL.md §2."""
+"""AugLocal's auxiliary networks, exactly as docs/spec.md §2."""
 import pytest
 import torch
 import torch.nn as nn
@@ -48,7 +48,7 @@ def test_plans_strides_follow_primary_downsampling(resnet110_specs) -> None:
 
 
 def test_resnet32_plans_pinned_by_hand() -> None:
-    """The accuracy benchmark's model (issue 8), worked out from AUGLOCAL.md §2 on paper.
+    """The accuracy benchmark's model, worked out from docs/spec.md §2 on paper.
 
     ResNet-32: N = 16 (stem + 3 stages x 5 blocks at 32/16/8 px). d=4: D = 3, K = 13, blocks 0..11
     get heads, D_i = round(3 - i/11) = 3 for i <= 5 and 2 after; the final module is blocks 12..15.
@@ -109,7 +109,7 @@ def test_resnet32_heads_ending_in_a_downsampling_block_without_bn1d() -> None:
 
 
 def test_head_hidden_adds_a_vgg_style_classifier_of_that_width() -> None:
-    """AUGLOCAL.md §5: the paper's VGG13 auxiliary classifiers have hidden width 512 instead of 4096."""
+    """docs/spec.md §5: the paper's VGG13 auxiliary classifiers have hidden width 512 instead of 4096."""
     plain = timm_local.create_local_model("resnet20_cifar", "auglocal", aux_depth=3, num_classes=10)
     wide = timm_local.create_local_model("resnet20_cifar", "auglocal", aux_depth=3, num_classes=10,
                                          method_kwargs={"head_hidden": 24})
@@ -145,7 +145,7 @@ def test_head_norm_rule_places_batchnorm1d_before_the_classifier(rule) -> None:
     assert x.shape == (3, 10)
 
 
-# AUGLOCAL.md §4, Table 2: GMACs per 32x32 image, ResNet-110, tau = 0.5
+# docs/spec.md §4, Table 2: GMACs per 32x32 image, ResNet-110, tau = 0.5
 PAPER_GMACS = {None: 0.25, 2: 0.63, 3: 0.69, 4: 0.80, 5: 0.98, 6: 1.13}
 
 

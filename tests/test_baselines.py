@@ -1,4 +1,4 @@
-"""The baselines of AUGLOCAL.md §3: DGL, PredSim, InfoPro, AugLocal + InfoPro, BP + checkpointing.
+"""The baselines of docs/spec.md §3: DGL, PredSim, InfoPro, AugLocal + InfoPro, BP + checkpointing.
 
 Fast by default: ResNet-110 appears only where the paper's numbers are about ResNet-110 (the
 MAC row), everything else runs on resnet20/32_cifar with tiny batches.

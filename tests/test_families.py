@@ -161,7 +161,7 @@ def _expected_architecture(p: Partition, j: int) -> list[tuple]:
     block = p.blocks[j]
     with_top = not isinstance(block, nn.Sequential)
     if p.adapter.name == "vgg":
-        # A VGG copy downsamples by its conv stride (AUGLOCAL.md §2.5), not by the max-pool
+        # A VGG copy downsamples by its conv stride (docs/spec.md §2.5), not by the max-pool
         # that follows some primary convs; compare with the primary minus its pool, stride 1.
         block = nn.Sequential(*[m for m in block if not isinstance(m, nn.MaxPool2d)])
     return architecture(block, with_top)

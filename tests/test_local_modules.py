@@ -130,7 +130,8 @@ def test_pipeline_unit_is_the_module() -> None:
 
 
 def test_command_line_flags_reach_the_method() -> None:
-    from timm_local.config import ConfigError, parse_config, validate_config
+    from timm_local.cli import parse_config
+    from timm_local.config import ConfigError, validate_config
     from timm_local.training.builders import method_kwargs
 
     cfg = parse_config(["--method", "infopro", "--local-modules", "4"])

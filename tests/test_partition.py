@@ -84,6 +84,18 @@ def test_unsupported_model_error_names_families_and_guide() -> None:
     assert "register_family" in message and "docs/families.md" in message
 
 
+
+def test_unsupported_model_is_one_line_and_exit_code_2_at_the_command_line(capsys) -> None:
+    from timm_local.cli import command_line_errors, handle_errors
+
+    class TinyNet(nn.Module):
+        def forward_features(self, x):
+            return x
+
+    assert handle_errors(lambda _: partition(TinyNet()), [], command_line_errors()) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: timm_local cannot cut a TinyNet into local blocks") and err.count("\n") == 1
+
 @pytest.mark.parametrize("index, in_chs, stride", [(30, 16, 2), (54, 32, 1), (54, 64, 2)])
 def test_make_block_like_copies_architecture_not_weights(index, in_chs, stride) -> None:
     model = timm.create_model("resnet110_cifar")

@@ -17,7 +17,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import timm_local  # noqa: F401  (our architectures in timm's registry)
-from timm_local.config import ConfigError, parse_config
+from timm_local.cli import parse_config
+from timm_local.config import ConfigError
 from timm_local.export import export_backbone, read_export_metadata
 from timm_local.training import build_local_model, run_datasets
 
@@ -89,7 +90,7 @@ def test_a_run_records_its_starting_weights_and_the_export_its_base_model(source
 HUB_SNIPPET = """
 import sys, torch
 from safetensors.torch import save_file
-from timm_local.config import parse_config
+from timm_local.cli import parse_config
 from timm_local.training import build_local_model, run_datasets
 cfg = parse_config(["--dataset", "digits", "--image-size", "16", "--model", "test_resnet.r160_in1k",
                     "--method", "bp", "--pretrained"])

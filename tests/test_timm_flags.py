@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from timm_local.cli import UsageError
-from timm_local.config import parse_config
+from timm_local.cli import parse_config
 
 ALIASES = {
     "img_size": (["--img-size", "64"], ["--image-size", "64"]),

@@ -7,13 +7,14 @@ import pytest
 import timm
 
 import timm_local
-from timm_local.config import TrainConfig, config_from_dict, load_yaml, parse_config
+from timm_local.cli import parse_config
+from timm_local.config import TrainConfig, config_from_dict, load_yaml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if "det" not in p.relative_to(CONFIGS).parts
                  and not p.name.startswith("_"))
 
-PAPER = {  # (batch, lr, epochs) from AUGLOCAL.md section 5
+PAPER = {  # (batch, lr, epochs) from docs/spec.md §5
     "cifar10": (1024, 0.8, 400), "svhn": (1024, 0.8, 400), "stl10": (128, 0.1, 400),
     "imagenet/vgg13_bn": (256, 0.1, 90), "imagenet/resnet34": (1024, 0.4, 200),
     "imagenet/resnet101": (512, 0.2, 200),

@@ -7,7 +7,7 @@ import torch
 from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
 
-from timm_local.config import parse_config
+from timm_local.cli import parse_config
 from timm_local.data.recipes import get_recipe
 from timm_local.data.transforms import build_transform
 from timm_local.training import run_datasets

@@ -1,20 +1,32 @@
-"""How the command-line tools (``tools/*.py``) report errors: a user error is one line on stderr, exit code 2.
+"""The command line of the tools (``tools/*.py``): the training flags, and how errors are reported.
 
-A traceback is for bugs. For a wrong flag, a missing or corrupt file, or a refused resume, the message
+Flags: every :class:`~timm_local.config.TrainConfig` key is a flag (``batch_size`` <-> ``--batch-size``),
+built here from the dataclass, with timm's spellings (:mod:`timm_local.timm_options`); what the values
+mean, their precedence and their validation are :mod:`timm_local.config`'s.
+
+Errors: a user error (:class:`~timm_local.errors.UserError`) is one line on stderr, exit code 2. A
+traceback is for bugs. For a wrong flag, a missing or corrupt file, or a refused resume, the message
 already says what is wrong and what to do; the stack above it only hides that. ``--debug`` (any tool) or
 ``TIMM_LOCAL_DEBUG=1`` re-raises instead, to show the traceback.
 
-No project imports at module level: :mod:`timm_local.config` uses :class:`ArgumentParser`.
+Why nothing heavier than the config: the parser and the error report need nothing more, and the module
+stays at the top of the layers (tests/test_layers.py). Torch still loads first, because importing the
+package registers the ``*_cifar`` models in timm's registry, which timm users expect from ``import timm_local``.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from dataclasses import fields
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
-__all__ = ["ArgumentParser", "DEBUG_ENV", "DEBUG_FLAG", "UsageError", "command_line_errors", "handle_errors",
-           "library_errors", "one_line"]
+from .config import TrainConfig, key_types, resolve_config, unwrap_optional
+from .errors import UsageError, UserError
+from .timm_options import FLAG_ALIASES, add_timm_flags, timm_flag_values
+
+__all__ = ["ArgumentParser", "DEBUG_ENV", "DEBUG_FLAG", "UsageError", "build_parser", "command_line_errors",
+           "handle_errors", "library_errors", "one_line", "parse_config"]
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "TIMM_LOCAL_DEBUG"
@@ -23,16 +35,46 @@ DEBUG_ENV = "TIMM_LOCAL_DEBUG"
 ErrorCodes = Sequence[tuple[type, int]]
 
 
-class UsageError(ValueError):
-    """A command line argparse rejects (unknown flag, missing argument, invalid choice)."""
-
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors raise :class:`UsageError` (reported in one line) instead of printing the
     usage text and exiting."""
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see --help)")
+
+
+def build_parser(description: Optional[str] = None) -> ArgumentParser:
+    """An argparse parser with ``--config`` and one flag per :class:`TrainConfig` field.
+
+    Flags default to ``SUPPRESS`` so that only the flags actually given override the YAML. A usage error
+    is a :class:`~timm_local.errors.UsageError` (one line), not argparse's usage text and exit.
+    """
+    parser = ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", "-c", action="append", default=[],
+                        help="YAML recipe (repeatable; later files override earlier ones)")
+    types_ = key_types()
+    for f in fields(TrainConfig):
+        base, _ = unwrap_optional(types_[f.name])
+        flags = [f"--{f.name.replace('_', '-')}"]
+        if "_" in f.name:
+            flags.append(f"--{f.name}")
+        flags += FLAG_ALIASES.get(f.name, ())
+        help_ = f.metadata.get("help", "")
+        if base is bool:
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_)
+        else:  # list and dict keys take several words: --mean 0.5 0.5 0.5, --model-kwargs drop_rate=0.1
+            parser.add_argument(*flags, dest=f.name, type=str, metavar=f.name.upper(), help=help_,
+                                nargs="+" if base in (list, dict) else None)
+    add_timm_flags(parser)
+    return parser
+
+
+def parse_config(argv: Optional[Sequence[str]] = None, description: Optional[str] = None) -> TrainConfig:
+    """The configuration a command line asks for: defaults < ``--config`` files (in order) < explicit flags
+    (a resume without ``--config`` continues from the run's own config, :func:`~timm_local.config.resolve_config`)."""
+    args = timm_flag_values(vars(build_parser(description).parse_args(argv)), key_types())
+    return resolve_config(args.pop("config", []), args)
 
 
 def one_line(error: BaseException) -> str:
@@ -79,13 +121,9 @@ def handle_errors(main: Callable[[Optional[list[str]]], Any], argv: Optional[Seq
 
 
 def library_errors() -> tuple[type, ...]:
-    """The library's own user-error classes (bad config, data or checkpoint, refused resume or overwrite)."""
-    from .config import ConfigError
-    from .data import CorruptImageError, DatasetNotFoundError
-    from .training import CheckpointError, CheckpointMismatchError
-
-    return (UsageError, ConfigError, DatasetNotFoundError, CorruptImageError, CheckpointError,
-            CheckpointMismatchError, FileNotFoundError, FileExistsError)
+    """The errors a user can fix: the library's own (:class:`UserError`: bad flag, config, data or checkpoint,
+    refused resume or overwrite) and a missing or existing file."""
+    return (UserError, FileNotFoundError, FileExistsError)
 
 
 def command_line_errors() -> ErrorCodes:

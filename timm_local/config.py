@@ -1,13 +1,12 @@
-"""Run configuration: one dataclass, YAML recipes with ``_base_`` inheritance, and command-line overrides.
+"""Run configuration: one dataclass, YAML recipes with ``_base_`` inheritance, and validation.
 
 "Configs are data" (DESIGN.md): a recipe plus overrides fully describes a run, and the resolved
 config is written next to the run's outputs. Every field of :class:`TrainConfig` is a YAML key and a
-command-line flag (``batch_size`` <-> ``--batch-size``), generated from the dataclass so the three can
-never drift apart. Precedence: dataclass defaults < YAML (bases first) < flags given on the command line.
+command-line flag (``batch_size`` <-> ``--batch-size``; :mod:`timm_local.cli` builds the flags from the dataclass),
+so the three can never drift apart. Precedence: dataclass defaults < YAML (bases first) < flags given on the command line.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -20,12 +19,12 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import yaml
 
-from .cli import ArgumentParser
-from .timm_options import FLAG_ALIASES, TIMM_RULES, TimmOptions, add_timm_flags, timm_flag_values
+from .errors import UserError
+from .timm_options import TIMM_RULES, TimmOptions
 
 __all__ = ["CONFIG_NAME", "ConfigError", "ENGINES", "FIXED_ON_RESUME", "INVOCATION_KEYS", "MIXED_PRECISIONS",
-           "SCHEDULE_KEYS", "TrainConfig", "build_parser", "config_changes", "config_from_dict", "is_resuming",
-           "load_yaml", "parse_config", "previous_run_config", "validate_config"]
+           "SCHEDULE_KEYS", "TrainConfig", "config_changes", "config_from_dict", "is_resuming", "key_types",
+           "load_yaml", "previous_run_config", "resolve_config", "unwrap_optional", "validate_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ FIXED_ON_RESUME = ("batch_size", "dataset", "image_size", "seed", "opt", "moment
                    "filter_bias_and_bn", "model_kwargs")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot work, found before anything is written; the message names the flag."""
 
 
@@ -303,11 +302,13 @@ def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
             into[k] = v
 
 
-def _field_types() -> dict[str, Any]:
+def key_types() -> dict[str, Any]:
+    """Each key's type (resolved annotations of :class:`TrainConfig` and its timm options)."""
     return typing.get_type_hints(TrainConfig)
 
 
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """``(T, True)`` for ``Optional[T]``, else ``(tp, False)``."""
     origin = typing.get_origin(tp)
     if origin in (Union, getattr(types, "UnionType", Union)):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -318,7 +319,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:
     """Convert a YAML/CLI value to the field's type, with an error naming the key."""
-    base, optional = _unwrap_optional(tp)
+    base, optional = unwrap_optional(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if not optional:
             raise ConfigError(f"config key {name!r} may not be null")
@@ -358,54 +359,26 @@ def config_from_dict(values: dict[str, Any], base: Optional[TrainConfig] = None)
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {', '.join(sorted(names))}")
-    types_ = _field_types()
+    types_ = key_types()
     cfg = dataclasses.replace(base) if base is not None else TrainConfig()
     for k, v in values.items():
         setattr(cfg, k, _coerce(k, v, types_[k]))
     return cfg
 
 
-def build_parser(description: Optional[str] = None) -> ArgumentParser:
-    """An argparse parser with ``--config`` and one flag per :class:`TrainConfig` field.
+def resolve_config(files: Sequence[Union[str, Path]], flags: dict[str, Any]) -> TrainConfig:
+    """The run's configuration: defaults < the YAML ``files`` (in order) < ``flags`` (the keys given on the
+    command line).
 
-    Flags default to ``SUPPRESS`` so that only the flags actually given override the YAML. A usage error
-    is a :class:`~timm_local.cli.UsageError` (one line), not argparse's usage text and exit.
+    A resume (``flags['resume']``) without files continues the run as it was configured: defaults < the
+    run folder's ``config.yaml`` (:func:`previous_run_config`) < ``flags``.
     """
-    parser = ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", "-c", action="append", default=[],
-                        help="YAML recipe (repeatable; later files override earlier ones)")
-    types_ = _field_types()
-    for f in fields(TrainConfig):
-        base, _ = _unwrap_optional(types_[f.name])
-        flags = [f"--{f.name.replace('_', '-')}"]
-        if "_" in f.name:
-            flags.append(f"--{f.name}")
-        flags += FLAG_ALIASES.get(f.name, ())
-        help_ = f.metadata.get("help", "")
-        if base is bool:
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_)
-        else:  # list and dict keys take several words: --mean 0.5 0.5 0.5, --model-kwargs drop_rate=0.1
-            parser.add_argument(*flags, dest=f.name, type=str, metavar=f.name.upper(), help=help_,
-                                nargs="+" if base in (list, dict) else None)
-    add_timm_flags(parser)
-    return parser
-
-
-def parse_config(argv: Optional[Sequence[str]] = None, description: Optional[str] = None) -> TrainConfig:
-    """Defaults < ``--config`` files (in order) < explicit flags.
-
-    A resume (``--resume``) without ``--config`` continues the run as it was configured: defaults < the
-    run folder's ``config.yaml`` (:func:`previous_run_config`) < explicit flags.
-    """
-    args = timm_flag_values(vars(build_parser(description).parse_args(argv)), _field_types())
     values: dict[str, Any] = {}
-    files = args.pop("config", [])
     for path in files:
         _merge(values, load_yaml(path))
-    if not files and is_resuming(args.get("resume")):
-        previous = previous_run_config(config_from_dict(args))
+    if not files and is_resuming(flags.get("resume")):
+        previous = previous_run_config(config_from_dict(flags))
         if previous is not None:
             logger.info("continuing with the configuration of %s (flags given override it)", previous[0])
             values = previous[1]
-    return config_from_dict(args, base=config_from_dict(values))
+    return config_from_dict(flags, base=config_from_dict(values))

@@ -89,7 +89,7 @@ class Partition:
 
 
 def init_like_primary(module: nn.Module) -> None:
-    """He-normal convs, BN weight 1 / bias 0 (AUGLOCAL.md §2.6)."""
+    """He-normal convs, BN weight 1 / bias 0 (docs/spec.md §2.6)."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from .cli import UsageError
+from .errors import UsageError
 
 __all__ = ["DIST_BN", "EVAL_METRICS", "EXPORT_WEIGHTS", "FLAG_ALIASES", "MIXUP_MODES", "TIMM_RULES", "TimmOptions",
            "add_timm_flags", "timm_flag_values", "uses_soft_targets"]

@@ -27,7 +27,7 @@ import torch
 
 import timm_local
 from timm_local.cli import ArgumentParser, command_line_errors, handle_errors
-from timm_local.cost import cost_report
+from timm_local.cost_report import cost_report
 from timm_local.process_cost import StepCase
 from timm_local.memory import format_bytes
 

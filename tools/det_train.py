@@ -38,6 +38,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
+
+from timm_local.errors import UserError
 from detectron2.utils.logger import setup_logger
 
 # detectron2 installs its own top-level ``tools`` package, so nothing here may be imported as ``tools.*``.
@@ -108,7 +110,7 @@ def main(args: argparse.Namespace):
 
 
 #: User errors that get one line on stderr and exit code 2 (``DET_TRAIN_DEBUG=1`` shows the traceback).
-USER_ERRORS = (FileNotFoundError, det.WeightsMismatchError, ValueError)
+USER_ERRORS = (UserError, FileNotFoundError, ValueError)
 
 
 def invoke_main() -> int:

@@ -26,8 +26,7 @@ import sys
 import traceback
 from typing import Callable, Optional, Sequence
 
-from timm_local.cli import command_line_errors, handle_errors, library_errors
-from timm_local.config import parse_config
+from timm_local.cli import command_line_errors, handle_errors, library_errors, parse_config
 from timm_local.memory import default_cuda_alloc_conf
 from timm_local.training import NonFiniteLossError, train
 from timm_local.training.preempt import PREEMPTED_EXIT, Preempted

@@ -12,7 +12,7 @@ from typing import Optional
 __all__ = ["CIFAR_MEAN", "CIFAR_STD", "DEFAULT_DATASET", "DatasetRecipe", "IMAGENET_MEAN", "IMAGENET_STD",
            "RECIPES", "generic_recipe", "get_recipe", "list_datasets", "normalise_name"]
 
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # AUGLOCAL.md §5
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # docs/spec.md §5
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 

@@ -15,15 +15,13 @@ from typing import Optional
 
 from .readers import BUNDLED_READERS, GENERIC_READERS, READERS, read_hub
 from .recipes import DEFAULT_DATASET, RECIPES, DatasetRecipe, list_datasets, normalise_name
-from .sources import DatasetNotFoundError, ImageSplits
+from .sources import HUB_PREFIX, DatasetNotFoundError, ImageSplits
 from .streams import MAP_PREFIXES, read_timm_map, spec_prefix
 
 __all__ = ["DATA_DIR_ENV", "HUB_PREFIX", "load_image_sources", "search_roots"]
 
 #: Environment variable naming a root folder that holds datasets (searched for named datasets).
 DATA_DIR_ENV = "TIMM_LOCAL_DATA_DIR"
-#: timm's prefix for the Hugging Face hub; only this prefix ever reaches the network.
-HUB_PREFIX = "hf-hub:"
 
 
 def search_roots(name: str, data_dir: Optional[str] = None) -> list[Path]:

@@ -11,21 +11,25 @@ from typing import Any, Optional, Protocol
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
 from .recipes import DatasetRecipe
 
-__all__ = ["ArraySource", "CorruptImageError", "DatasetNotFoundError", "HFSource", "IMAGE_EXTENSIONS", "ImageSource",
-           "ImageSplits", "TEST_SPLIT_NAMES", "TorchvisionSource", "detect_hf_columns"]
+__all__ = ["ArraySource", "CorruptImageError", "DatasetNotFoundError", "HFSource", "HUB_PREFIX", "IMAGE_EXTENSIONS",
+           "ImageSource", "ImageSplits", "TEST_SPLIT_NAMES", "TorchvisionSource", "detect_hf_columns"]
 
+#: timm's prefix for the Hugging Face hub; only this prefix ever reaches the network (here because both the
+#: resolver and the streaming readers below it test for it).
+HUB_PREFIX = "hf-hub:"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 #: Names a held-out split goes by, in order of preference.
 TEST_SPLIT_NAMES = ("test", "val", "validation", "valid")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """Raised when a dataset cannot be found locally. The message says where we looked and how to fix it."""
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(UserError, ValueError):
     """An image that cannot be read or decoded. The message names the file (or the row) and what to do."""
 
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch.utils.data import IterableDataset
 
-from .sources import TEST_SPLIT_NAMES, CorruptImageError, ImageSplits
+from .sources import HUB_PREFIX, TEST_SPLIT_NAMES, CorruptImageError, ImageSplits
 
 __all__ = ["MAP_PREFIXES", "STREAM_PREFIXES", "HFStream", "Stream", "TimmSource", "open_streams", "read_timm_map",
            "spec_prefix", "stream_size"]
@@ -143,7 +143,6 @@ def _hf_stream_splits(dataset: str, data_dir: Optional[str], image_column: Optio
     """``--streaming``: an HF dataset on disk (``save_to_disk``) or on the hub, as iterable train/test splits."""
     import datasets
 
-    from .resolve import HUB_PREFIX
     from .sources import detect_hf_columns
 
     if dataset.startswith(HUB_PREFIX) or dataset.lower().startswith("hfids/"):

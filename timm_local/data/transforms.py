@@ -1,4 +1,4 @@
-"""The paper's transforms per dataset (AUGLOCAL.md §5), producing the channel count the model wants."""
+"""The paper's transforms per dataset (docs/spec.md §5), producing the channel count the model wants."""
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional, Sequence

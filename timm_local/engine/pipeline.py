@@ -1,12 +1,11 @@
 """Pipelined local training across processes: W pipeline segments × R data-parallel replicas.
 
-Why it is exact (issue 7, AUGLOCAL.md §1): local stage ℓ only needs the *detached* output of
-stage ℓ-1 for batch t, computed with stage ℓ-1's weights after t-1 updates, and no gradient
-ever flows back across a stage boundary. So a *forward-only* pipeline, in which segment s
-receives (activation, labels, input) of batch t from segment s-1, runs its local stages'
-forward/backward, hands the output on and lets the caller step the optimizer, never waits for
-anything from downstream and computes bit for bit what the sequential engine computes: no
-staleness, no bubble in steady state, no approximation.
+Why it is exact (docs/spec.md §1): local stage ℓ only needs the *detached* output of stage ℓ-1 for
+batch t, computed with stage ℓ-1's weights after t-1 updates, and no gradient ever flows back across
+a stage boundary. So a *forward-only* pipeline, in which segment s receives (activation, labels,
+input) of batch t from segment s-1, runs its local stages' forward/backward, hands the output on and
+lets the caller step the optimizer, never waits for anything from downstream and computes bit for
+bit what the sequential engine computes: no staleness, no bubble in steady state, no approximation.
 
 Layout (:class:`~timm_local.engine.topology.PipelineTopology`): ``world_size = W × R`` processes;
 global rank ``r·W + s`` runs segment ``s`` of replica ``r``. Segment ``s`` owns a contiguous run of

@@ -6,7 +6,8 @@ and stride. Adapters are looked up by the model's class, following its MRO, so a
 supported model works too; the generic family, registered for ``nn.Module``, takes every timm
 model no specific family does. See docs/families.md for registering your own.
 """
-from ._registry import FamilyAdapter, adapter_for, list_families, register_family, unregister_family
+from ._registry import (FamilyAdapter, UnsupportedModelError, adapter_for, list_families, register_family,
+                        unregister_family)
 from . import resnet as _resnet  # noqa: F401  (registers the adapter)
 from . import cifar_vgg as _cifar_vgg  # noqa: F401
 from . import efficientnet as _efficientnet  # noqa: F401
@@ -14,4 +15,4 @@ from . import regnet as _regnet  # noqa: F401
 from . import vgg as _vgg  # noqa: F401
 from . import generic as _generic  # noqa: F401  (the fallback, registered for nn.Module)
 
-__all__ = ["FamilyAdapter", "adapter_for", "list_families", "register_family", "unregister_family"]
+__all__ = ["FamilyAdapter", "UnsupportedModelError", "adapter_for", "list_families", "register_family", "unregister_family"]

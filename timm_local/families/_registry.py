@@ -6,7 +6,13 @@ from typing import ClassVar, Sequence, TypeVar
 
 import torch.nn as nn
 
+from ..errors import UserError
 from .spec import BlockSpec, PartitionView
+
+
+class UnsupportedModelError(UserError, NotImplementedError):
+    """A model timm_local cannot cut into local blocks: the message says why, lists the supported families
+    and how to add one."""
 
 
 class FamilyAdapter(ABC):
@@ -15,7 +21,7 @@ class FamilyAdapter(ABC):
     name: ClassVar[str]
     model_classes: ClassVar[tuple[type, ...]]
     #: How AugLocal's auxiliary copies are built. "paper": :meth:`make_block_like` builds a block of
-    #: the primary's type for any input width and stride 1 or 2 (AUGLOCAL.md §2.4-2.5). "shape": a
+    #: the primary's type for any input width and stride 1 or 2 (docs/spec.md §2.4-2.5). "shape": a
     #: copy only accepts its primary block's own input shape, so a projection adapts the auxiliary
     #: network's features to it (:meth:`make_shaped_copy`; the generic family, docs/method.md).
     copy_rule: ClassVar[str] = "paper"
@@ -83,7 +89,7 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
         adapter = _ADAPTERS.get(cls)
         if adapter is not None and adapter.supports(model):
             return adapter
-    raise NotImplementedError(unsupported_message(model, "no family adapter is registered for it"))
+    raise UnsupportedModelError(unsupported_message(model, "no family adapter is registered for it"))
 
 
 def unsupported_message(model: nn.Module, reason: str) -> str:

@@ -1,6 +1,6 @@
 """timm's ``EfficientNet`` class: EfficientNet-B0..B8, MobileNetV2, MNASNet, FBNet, EfficientNetV2...
 
-Local blocks, in execution order (AUGLOCAL.md §1, §4 A.4):
+Local blocks, in execution order (docs/spec.md §1, §4 A.4):
 
 * ``stem``: ``conv_stem`` + ``bn1``;
 * every block of ``blocks`` (depthwise-separable, inverted residual, edge residual, conv-bn-act),

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch.nn as nn
 
-from ._registry import FamilyAdapter, register_family, unsupported_message
+from ._registry import FamilyAdapter, UnsupportedModelError, register_family, unsupported_message
 from .copies import ShapeProjection, fresh_copy
 from .fx_trace import TraceFailure
 from .graph_cut import cut_forward_features
@@ -38,7 +38,7 @@ class GenericFamily(FamilyAdapter):
         try:
             return cut_forward_features(model, input_size)
         except TraceFailure as e:
-            raise NotImplementedError(unsupported_message(model, f"the generic cut failed: {e}")) from None
+            raise UnsupportedModelError(unsupported_message(model, f"the generic cut failed: {e}")) from None
 
     def local_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The cut at the model's own input size (``pretrained_cfg``)."""

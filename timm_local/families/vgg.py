@@ -9,7 +9,7 @@ own ``pre_logits`` (the 7x7-conv MLP) and classifier are the top.
 timm has no VGG block class, so an auxiliary copy is a ``Sequential`` of the primary block's own
 layer classes and settings (conv kernel/padding/bias, norm eps/momentum, activation), with the
 requested stride on the conv. The max-pool is not copied: AugLocal downsamples an auxiliary
-layer by its stride (AUGLOCAL.md §2.5), so a copy of a pooling block downsamples only when the
+layer by its stride (docs/spec.md §2.5), so a copy of a pooling block downsamples only when the
 running deficit asks for it.
 """
 from __future__ import annotations

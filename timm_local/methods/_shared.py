@@ -87,7 +87,7 @@ def per_block_stages(
 ) -> list[LocalStage]:
     """A head on every block but the last; the last block and the network's top form the final stage.
 
-    This is the partition of DGL, PredSim and InfoPro in AUGLOCAL.md §3 (InfoPro on ResNet-32:
+    This is the partition of DGL, PredSim and InfoPro in docs/spec.md §3 (InfoPro on ResNet-32:
     K = 16 local modules, heads on modules 0..K-2).
     """
     return module_stages(partition, range(len(partition)), lambda index, k: make_head(index), method)
@@ -145,7 +145,7 @@ class LossWeights:
         )
 
 
-#: The paper's settings (AUGLOCAL.md §3), with the number of local blocks they were tuned for.
+#: The paper's settings (docs/spec.md §3), with the number of local blocks they were tuned for.
 INFOPRO_PRESETS: dict[str, tuple[int, LossWeights]] = {
     "resnet32": (16, LossWeights(x_start=5.0, x_end=0.2, y_start=0.05, y_end=0.5)),
     "resnet110": (55, LossWeights(x_start=5.0, x_end=0.5, y_start=0.0, y_end=1.0)),

@@ -1,4 +1,4 @@
-"""AugLocal (Ma et al., ICLR 2024), exactly as ../shared/AUGLOCAL.md §2.
+"""AugLocal (Ma et al., ICLR 2024), exactly as docs/spec.md §2.
 
 Each block ℓ = 0..K-2 gets an auxiliary network made of fresh copies of a uniform selection
 of the blocks after it, with a depth that shrinks linearly towards the output (pyramidal
@@ -44,7 +44,7 @@ def validate_hparams(aux_depth: int, tau: float) -> None:
 
 
 #: Which blocks get an auxiliary network. "cifar": blocks 0..K-2 with K = N - D, the last D+1 blocks
-#: trained jointly by the network's loss (AUGLOCAL.md §2.1, the authors' CIFAR code). "imagenet": every
+#: trained jointly by the network's loss (docs/spec.md §2.1, the authors' CIFAR code). "imagenet": every
 #: block but the last, as the authors' ImageNet script (exp_imagenet) does, with no BatchNorm1d in heads.
 HEAD_RULES = ("cifar", "imagenet")
 
@@ -86,7 +86,7 @@ def uniform_selection(block: int, depth: int, num_blocks: int) -> tuple[int, ...
 
 
 def downsampling_strides(block: int, selection: tuple[int, ...], specs: list[BlockSpec]) -> tuple[int, ...]:
-    """Stride of each auxiliary layer from the running downsampling deficit (AUGLOCAL.md §2.5)."""
+    """Stride of each auxiliary layer from the running downsampling deficit (docs/spec.md §2.5)."""
     deficit = 0.0
     strides = []
     previous = specs[block].reduction
@@ -177,10 +177,10 @@ class AugLocalHead(LocalHead):
     """Copied blocks → global average pool → flatten → (BatchNorm1d) → [MLP] → linear.
 
     ``norm`` says whether BatchNorm1d precedes the classifier; the paper (and its code) puts it only
-    in one-block heads (AUGLOCAL.md §2.6), see :data:`HEAD_NORM_RULES`.
+    in one-block heads (docs/spec.md §2.6), see :data:`HEAD_NORM_RULES`.
     ``hidden`` > 0 inserts the two hidden fully connected layers of a VGG-style classifier at that
     width: the paper's VGG13 on ImageNet gives its auxiliary classifiers width 512 instead of VGG's
-    4096 (AUGLOCAL.md §5). 0, the default, is the head of §2.6.
+    4096 (docs/spec.md §5). 0, the default, is the head of §2.6.
     """
 
     def __init__(self, layers: list[nn.Module], num_features: int, num_classes: int, hidden: int = 0,
@@ -257,7 +257,7 @@ class AugLocal(LocalModules, LocalMethod):
                              f"integer >= 0, got {head_hidden!r}; 0 = pool + linear as in the paper's CIFAR heads")
         if head_norm not in HEAD_NORM_RULES:
             raise ValueError(f"head_norm must be one of {HEAD_NORM_RULES}, got {head_norm!r}; 'paper' puts "
-                             f"BatchNorm1d only in one-block heads (AUGLOCAL.md §2.6)")
+                             f"BatchNorm1d only in one-block heads (docs/spec.md §2.6)")
         if heads not in HEAD_RULES:
             raise ValueError(f"heads must be one of {HEAD_RULES}, got {heads!r}: 'cifar' gives blocks 0..K-2 "
                              f"an auxiliary network (K = N - D), 'imagenet' every block but the last")

@@ -1,6 +1,6 @@
 """AugLocal + InfoPro (paper A.9): AugLocal's auxiliary networks plus InfoPro's reconstruction loss.
 
-Blocks 0..K-2 get AugLocal's G_ℓ (AUGLOCAL.md §2: same selection, pyramidal depth and
+Blocks 0..K-2 get AugLocal's G_ℓ (docs/spec.md §2: same selection, pyramidal depth and
 downsampling) as the classifier, and InfoPro's decoder on the same block output. The loss is
 InfoPro's, λx·BCE + λy·CE, with the weights interpolated over the K-1 heads exactly as in
 InfoPro (same presets and overrides); the last D+1 blocks form the final stage as in AugLocal.

@@ -1,4 +1,4 @@
-"""DGL, Decoupled Greedy Learning (Belilovsky et al., ICML 2020), as AUGLOCAL.md §3.
+"""DGL, Decoupled Greedy Learning (Belilovsky et al., ICML 2020), as docs/spec.md §3.
 
 Each block but the last gets the auxiliary network of DGL's reference code: average-pool to a
 quarter of the spatial size, three 1×1 conv-BN-ReLU layers at the block's width C, pool to

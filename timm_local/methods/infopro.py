@@ -1,4 +1,4 @@
-"""InfoPro (Wang et al., ICLR 2021), as AUGLOCAL.md §3.
+"""InfoPro (Wang et al., ICLR 2021), as docs/spec.md §3.
 
 Each local module k = 0..K-2 (all but the last; by default each block is a module) gets two networks on
 the output of its last block:

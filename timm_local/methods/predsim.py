@@ -1,4 +1,4 @@
-"""PredSim (Nøkland & Eidnes, ICML 2019), as AUGLOCAL.md §3.
+"""PredSim (Nøkland & Eidnes, ICML 2019), as docs/spec.md §3.
 
 Each block but the last gets two heads on its output: a *prediction* head (average-pool until
 the flattened size is at most ``max_features`` = 512, then a linear classifier; cross-entropy)

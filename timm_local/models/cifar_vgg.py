@@ -21,7 +21,7 @@ class VggConvBlock(nn.Module):
     """3x3 conv -> BN -> ReLU, optionally followed by a 2x2 max-pool.
 
     ``stride`` exists for auxiliary copies: AugLocal downsamples an auxiliary layer by its
-    stride (AUGLOCAL.md §2.5) rather than by a pool.
+    stride (docs/spec.md §2.5) rather than by a pool.
     """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int = 1, pool: bool = False) -> None:

@@ -320,7 +320,7 @@ def prepare_optimization(cfg: TrainConfig, lm: Any, accelerator: Any, steps_per_
     checkpointing together with the model and the run state.
 
     One optimizer over primary and auxiliary parameters: the parameter sets of different local losses
-    are disjoint, so one SGD over all of them performs exactly the per-block updates (AUGLOCAL.md §2.7)
+    are disjoint, so one SGD over all of them performs exactly the per-block updates (docs/spec.md §2.7)
     while keeping one LR schedule, one grad scaler and one checkpoint.
     """
     from timm.optim import create_optimizer_v2

@@ -1,10 +1,12 @@
 """The checkpoint errors a user can meet, in one place so that every checkpoint module can raise them."""
 from __future__ import annotations
 
+from ..errors import UserError
+
 __all__ = ["CheckpointError", "CheckpointWriteError", "UnsafePickleError"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used as it is: a file missing, truncated or unreadable (named in the message)."""
 
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import UserError
 from .checkpoint import any_process
 
 __all__ = ["LOCK_NAME", "RunFolderLocked", "RunLock", "hold_run_folder"]
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = ".timm_local.lock"
 
 
-class RunFolderLocked(FileExistsError):
+class RunFolderLocked(UserError, FileExistsError):
     """Another run is writing the run folder (the message names it)."""
 
 

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import yaml
 
 from ..config import CONFIG_NAME, FIXED_ON_RESUME, TrainConfig, config_changes, is_resuming
+from ..errors import UserError
 from .checkpoint import (CHECKPOINT_DIR, CHECKPOINT_PREFIX, META_NAME, CheckpointError, UnsafePickleError,
                          checkpoint_folders, checkpoint_step, newest_verified, read_checkpoint_meta, remove_checkpoint,
                          verify_checkpoint)
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 RUN_OUTPUTS = (CONFIG_NAME, METRICS_NAME, EXPORT_DIR, CHECKPOINT_DIR, "logs")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """Refusal to resume from a checkpoint of a different run, or with a change it cannot follow."""
 
 
