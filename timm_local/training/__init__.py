@@ -2,10 +2,14 @@
 
 ::
 
-    config -> data -> model -> runner -> loop -> checkpoint / metrics / export
+    config -> data -> model -> runner -> loop (set-up) -> trainer + hooks -> export
 
 ``builders`` (accelerator, datasets, model, optimizer/schedule), ``runners`` (sequential and pipelined
-engines behind one protocol), ``loop`` (:func:`fit`), ``checkpoint`` (what a checkpoint holds; atomic,
+engines behind one protocol), ``loop`` (:func:`fit`: set-up, the trainer, the export), ``trainer`` (the step
+loop and the :class:`Hook` protocol: before_train, before_epoch, before_step, after_backward, after_step,
+after_epoch, after_train, on_stop), ``hooks`` (the built-in periodic jobs in their order: non-finite stop,
+EMA, metrics window, progress, evaluation, checkpointing, console, preemption; a user's hooks, passed to
+:func:`fit`, run after them), ``checkpoint`` (what a checkpoint holds; atomic,
 verified save, listing, rotation), ``safe_state`` (state files without pickle), ``restore`` (a checkpoint
 into a live run), ``legacy`` / ``migrate`` (the older pickle format, read safely and migrated once),
 ``resume`` (which checkpoint, compatibility, changes, history), ``lock`` (one writer per run folder),
@@ -28,10 +32,12 @@ from .run import CONFIG_NAME, EXPORT_DIR, SavedRun, export_run, load_local_model
 from .resume import CheckpointMismatchError
 from .runners import RUNNERS, PipelineRunner, Runner, SequentialRunner, make_runner, pipeline_layout
 from .state import TrainResult, TrainState
+from .trainer import Hook
 
 __all__ = [
-    "CHECKPOINT_DIR", "CONFIG_NAME", "CheckpointError", "CheckpointMismatchError", "EXPORT_DIR", "META_NAME", "METRICS_NAME",
-    "NonFiniteLossError", "PipelineRunner", "RUNNERS", "Runner", "SavedRun", "SequentialRunner", "TMP_PREFIX",
+    "CHECKPOINT_DIR", "CONFIG_NAME", "CheckpointError", "CheckpointMismatchError", "EXPORT_DIR", "Hook", "META_NAME",
+    "METRICS_NAME", "NonFiniteLossError", "PipelineRunner", "RUNNERS", "Runner", "SavedRun", "SequentialRunner",
+    "TMP_PREFIX",
     "TrainResult", "TrainState", "build_local_model", "eval_batch_size", "evaluate", "export_run", "fit",
     "latest_checkpoint", "list_checkpoints", "load_local_model", "make_runner", "newest_verified", "pipeline_layout",
     "read_checkpoint_meta", "read_metrics", "read_run", "run_datasets", "train", "verify_checkpoint",
