@@ -247,6 +247,24 @@ def _nan_worker() -> None:
     trainer.step(torch.full_like(x, float("nan")) if trainer.is_first else None, y if trainer.is_first else None)
 
 
+def _nan_worker_slow_upstream() -> None:
+    """The NaN batch again, with the first segment slow to report it (a loaded machine): the second segment,
+    which receives the NaN activations, must still leave the report to it."""
+    import time
+
+    from timm_local.engine import pipeline
+
+    check = pipeline.check_finite_losses
+
+    def slow_check(*args: Any, **kwargs: Any) -> None:
+        if dist.get_rank() == 0:
+            time.sleep(2.0)
+        check(*args, **kwargs)
+
+    pipeline.check_finite_losses = slow_check
+    _nan_worker()
+
+
 def _check_run(results: list[dict[str, Any]], method: str, steps: int, replicas: int) -> float:
     data = _data(steps, replicas)
     ref_losses, ref_snaps = _reference(method, data)
@@ -382,6 +400,7 @@ def test_pipeline_w2_r2_equals_sequential() -> None:
 
 
 @pytest.mark.timeout(300)
-def test_non_finite_loss_stops_the_pipeline_with_a_clear_error() -> None:
+@pytest.mark.parametrize("worker", [_nan_worker, _nan_worker_slow_upstream])
+def test_non_finite_loss_stops_the_pipeline_with_a_clear_error(worker) -> None:
     with pytest.raises(Exception, match="FloatingPointError: local loss of the stage ending at block 'stem'"):
-        launch_local(_nan_worker, 2, timeout_s=60)
+        launch_local(worker, 2, timeout_s=60)

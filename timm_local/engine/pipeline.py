@@ -234,8 +234,7 @@ class PipelineTrainer:
     # ---------------------------------------------------------------- training
     def step(
         self,
-        x: torch.Tensor | None = None,
-        y: torch.Tensor | None = None,
+        x: torch.Tensor | None = None, y: torch.Tensor | None = None,
         backward: Backward | None = None,
         sync: bool = True,
     ) -> PipelineStepOutput:
@@ -255,13 +254,13 @@ class PipelineTrainer:
                 raise ValueError(
                     f"rank {self.topology.rank} runs the first pipeline segment: step(x, y) needs the batch"
                 )
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            h, inputs = x, x
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            h, inputs, received = x, x, None
         else:
             assert self._prev is not None
             start = time.perf_counter()
             h, y, inputs = self._prev.recv()
+            received = h  # kept for the error path: non-finite input means the upstream segment reports
             self.wait_times["recv"] += time.perf_counter() - start
             assert h is not None and y is not None
         backward = backward or default_backward
@@ -296,7 +295,8 @@ class PipelineTrainer:
             else:
                 head_logits[j] = detached
         # Downstream segments have this batch already; the launcher stops them when this rank exits.
-        check_finite_losses(losses, partition, stages, f" (pipeline rank {self.topology.rank}, step {self.steps})")
+        check_finite_losses(losses, partition, stages, f" (pipeline rank {self.topology.rank}, step {self.steps})",
+                            received)
         start = time.perf_counter()
         for reduction in reductions:
             reduction.finish()

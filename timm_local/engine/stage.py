@@ -7,7 +7,8 @@ stage computes; keeping that here means the sequential and pipelined engines can
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Mapping, Sequence
+import time
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -107,17 +108,29 @@ def run_stage(
     return h, loss, logits
 
 
+#: How long a pipeline segment that *received* non-finite activations waits before it reports them: the
+#: segment upstream found them first and is reporting the stage that produced them, and launchers (torchrun,
+#: ``mp.spawn``) report the earliest failure as the root cause. Only the error path waits.
+UPSTREAM_REPORT_GRACE_S = 5.0
+
+
 def check_finite_losses(losses: Mapping[int, torch.Tensor], partition: Partition, stages: Sequence[LocalStage],
-                        where: str = "") -> None:
+                        where: str = "", received: Optional[torch.Tensor] = None) -> None:
     """Raise ``FloatingPointError`` naming the first stage whose loss is NaN/inf.
 
     One check (one device sync) per step rather than per stage; the caller must not take an
-    optimizer step after this error (the bad stage's gradients are not finite).
+    optimizer step after this error (the bad stage's gradients are not finite). ``received``: the
+    activation a downstream pipeline segment received; when it is itself non-finite the error says so,
+    after letting the upstream segment report first (:data:`UPSTREAM_REPORT_GRACE_S`).
     """
     indices = list(losses)
     finite = torch.isfinite(torch.stack([losses[j] for j in indices]))
     if bool(finite.all()):
         return
+    if received is not None and not bool(torch.isfinite(received).all()):
+        time.sleep(UPSTREAM_REPORT_GRACE_S)
+        raise FloatingPointError(f"the activation received from the previous pipeline segment is not finite{where}; "
+                                 f"that segment's error names the stage that produced it")
     bad = indices[int((~finite).nonzero()[0])]
     raise FloatingPointError(
         f"local loss of the stage ending at block {partition.names[stages[bad].blocks[-1]]!r} is "
