@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from .checkpoint import (FORMAT, FORMAT_KEY, META_NAME, CheckpointError, UnsafePickleError, checkpoint_folders,
                          is_legacy, manifest, read_checkpoint_meta, rng_file, state_file, verify_checkpoint)
 from .legacy import legacy_files, read_legacy
-from .safe_state import save_state_file, write_file
+from .safe_state import replace_file, save_state_file
 
 __all__ = ["migrate_checkpoint", "migrate_run_folder"]
 
@@ -36,9 +35,7 @@ def migrate_checkpoint(checkpoint: Path, trust_pickle: bool = False) -> None:
     new = {k: v for k, v in meta.items() if k not in ("files", "custom_objects")}
     new.update({FORMAT_KEY: FORMAT, "states": sorted(states), "train_state": train_state,
                 "files": manifest(checkpoint, written), "migrated_from": "pickle"})
-    tmp = checkpoint / f".{META_NAME}.tmp"
-    write_file(tmp, json.dumps(new, indent=2).encode())
-    os.replace(tmp, checkpoint / META_NAME)
+    replace_file(checkpoint / META_NAME, json.dumps(new, indent=2).encode())
     for name in old - set(written):
         (checkpoint / name).unlink(missing_ok=True)
     logger.warning("migrated checkpoint %s from the pickle format to safetensors (once: from now on it loads "

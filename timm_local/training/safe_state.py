@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 __all__ = ["STRUCTURE_KEY", "StateFormatError", "capture_rng", "from_tensors", "load_state_file", "restore_rng",
-           "save_state_file", "state_bytes", "to_tensors", "write_file"]
+           "replace_file", "save_state_file", "state_bytes", "to_tensors", "write_file"]
 
 #: The header metadata key holding the JSON structure of a state file.
 STRUCTURE_KEY = "timm_local.state"
@@ -124,6 +124,15 @@ def write_file(path: Union[str, Path], data: bytes) -> None:
         raise OSError(e.errno, os.strerror(e.errno or errno.EIO), path) from None
     finally:
         os.close(fd)
+
+
+def replace_file(path: Union[str, Path], data: bytes) -> None:
+    """Write ``data`` beside ``path`` and rename it into place: a kill or a full disk leaves the old file
+    (or none), never half of the new one. Errors are :func:`write_file`'s, naming the temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write_file(tmp, data)
+    os.replace(tmp, path)
 
 
 def save_state_file(path: Union[str, Path], obj: Any) -> None:

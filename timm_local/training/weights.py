@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, TrainConfig
+from .safe_state import replace_file
 
 __all__ = ["BEST_NAME", "best_is_later", "create_ema", "is_better", "read_best", "weights_to_export", "write_best"]
 
@@ -31,12 +31,10 @@ BEST_NAME = "best_backbone.safetensors"
 
 
 def _write(module: nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    replace_file(path, save(state, metadata=metadata))
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
