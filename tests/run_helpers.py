@@ -17,6 +17,9 @@ train_tool = load_module("_train_tool", ROOT / "tools" / "train.py")
 
 DIGITS = ["--dataset", "digits", "--image-size", "8", "--batch-size", "8", "--workers", "0", "--trackers", "none",
           "--lr", "0.05", "--log-every", "1", "--seed", "0", "--epochs", "1"]
+#: Dropout (which draws from the RNG, so a resume that lost the RNG state shows) and a checkpoint after
+#: every step, all kept: the setting of the checkpoint tests' stopped-and-resumed runs.
+DROPOUT = ["--model-kwargs", "{drop_rate: 0.3}", "--checkpoint-every-steps", "1", "--keep-checkpoints", "0"]
 
 
 def train(*args: Any) -> int:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from run_helpers import different_tensors, error_lines, model_state, train, trained
+from run_helpers import DROPOUT, different_tensors, error_lines, model_state, train, trained
 from timm_local.training import CHECKPOINT_DIR, latest_checkpoint, list_checkpoints, read_checkpoint_meta
 
-DROPOUT = ["--model-kwargs", "{drop_rate: 0.3}", "--checkpoint-every-steps", "1", "--keep-checkpoints", "0"]
 STOP, FINAL = 3, 5
 
 

@@ -10,14 +10,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from run_helpers import different_tensors, error_lines, model_state, resume, trained
+from run_helpers import DROPOUT, different_tensors, error_lines, model_state, resume, trained
 from timm_local.training import CHECKPOINT_DIR, latest_checkpoint, read_checkpoint_meta, verify_checkpoint
 from timm_local.training.checkpoint import load_state, manifest
 from timm_local.training.safe_state import load_state_file, restore_rng
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "resume_from_earlier_version"
-DROPOUT = ["--model-kwargs", "{drop_rate: 0.3}", "--checkpoint-every-steps", "1", "--keep-checkpoints", "0"]
 STOP, FINAL = 2, 4
 
 
