@@ -41,7 +41,7 @@ from .resolved import resolve_choices
 from .resume import discard_newer_checkpoints, resolve_resume, resume_state, run_history, run_meta
 from .run import EXPORT_DIR, export_trained
 from .runners import Runner
-from .starting import weights_source
+from .starting import architecture_only, weights_source
 from .state import TrainResult, TrainState
 from .targets import Targets
 from .trainer import Hook, Trainer
@@ -114,9 +114,7 @@ def _set_up(cfg: TrainConfig, runner: Runner, accelerator: Any, roll: RollCall) 
     train_set, test_set, data = run_datasets(cfg, normalize=not on_device)
     test_loader = device_batches(accelerator.prepare(make_loader(test_set, eval_batch_size(cfg, world), cfg)), data,
                                  accelerator.device, on_device)
-    # a resume takes its weights from the checkpoint, not from the run's starting weights (which may be gone)
-    fresh = dataclasses.replace(cfg, pretrained=False, initial_checkpoint=None)
-    lm = build_local_model(cfg if resume_from is None else fresh, data).to(accelerator.device)
+    lm = build_local_model(cfg if resume_from is None else architecture_only(cfg), data).to(accelerator.device)
     default_dataset = cfg.dataset is None
     cfg = resolve_choices(cfg, data, lm)  # config.yaml and checkpoints say the dataset, d and tau used
     targets = Targets(cfg, data.num_classes, lm.method)  # labels, or smoothed / mixed class distributions

@@ -27,7 +27,7 @@ from ..version import __version__
 from .builders import build_backbone, build_local_model
 from .checkpoint import CHECKPOINT_DIR, load_model_state, newest_verified, verify_checkpoint
 from .metrics import read_metrics
-from .starting import weights_source
+from .starting import architecture_only, weights_source
 from .state import TrainState
 
 __all__ = ["CONFIG_NAME", "EXPORT_DIR", "SavedRun", "export_run", "export_trained", "load_local_model",
@@ -89,8 +89,7 @@ def read_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] =
     meta = verify_checkpoint(ckpt, trust_pickle)
     field_names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in resolved.items() if k in field_names})
-    # the trained weights are in the checkpoint: rebuilding the model must not fetch the starting ones again
-    rebuild = dataclasses.replace(cfg, pretrained=False, initial_checkpoint=None)
+    rebuild = architecture_only(cfg)
     data_fields = {f.name for f in dataclasses.fields(DataConfig)}
     data = DataConfig(**{k: v for k, v in resolved["data"].items() if k in data_fields})
     data.mean, data.std = tuple(data.mean), tuple(data.std)

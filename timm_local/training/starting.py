@@ -11,13 +11,13 @@ The auxiliary heads are never part of a source: every method builds them fresh a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
 from ..config import ConfigError, TrainConfig
 
-__all__ = ["StartingWeights", "starting_weights", "weights_source"]
+__all__ = ["StartingWeights", "architecture_only", "starting_weights", "weights_source"]
 
 
 @dataclass
@@ -95,3 +95,9 @@ def weights_source(cfg: TrainConfig) -> tuple[Optional[str], Optional[str]]:
         where = default and (default.hf_hub_id or default.url)
         return f"timm pretrained {cfg.model} ({where})", where or cfg.model
     return None, None
+
+
+def architecture_only(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` without its starting weights: what rebuilds a model whose trained weights come from a checkpoint
+    (a resume, reading a finished run), where the starting weights need not be fetched again, or exist."""
+    return replace(cfg, pretrained=False, initial_checkpoint=None)
