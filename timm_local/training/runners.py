@@ -24,6 +24,7 @@ from ..config import ConfigError, TrainConfig
 from ..data import DataConfig
 from ..distributed import average_gradients
 from .builders import apply_speed_options, device_batches, make_loader, normalize_on_device
+from .checkpoint import any_process
 from .samplers import ResumableDistributedSampler
 
 __all__ = ["PipelineRunner", "RUNNERS", "Runner", "SequentialRunner", "make_runner", "micro_batch_groups",
@@ -130,10 +131,7 @@ class SequentialRunner:
         return self.lm.local_step(x, y, backward=self.accelerator.backward).sums(y)
 
     def agree_on_error(self, error: Optional[str]) -> Optional[str]:
-        if self.world == 1:
-            return error
-        status = torch.tensor([0.0 if error is None else 1.0], device=self.accelerator.device)
-        if self.accelerator.reduce(status, reduction="sum").item() > 0:
+        if any_process(self.accelerator, error is not None):
             return error or "on another process"
         return None
 
