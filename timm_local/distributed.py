@@ -227,10 +227,10 @@ class RollCall:
         while not (seen := _holds(marker, token)) and time.monotonic() < deadline:
             time.sleep(0.2)
         flags: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(flags, seen, group=self.group)
-        self.barrier("the shared-folder check")  # everybody has looked before the marker goes
+        dist.all_gather_object(flags, seen, group=self.group)  # collective: everybody has looked
         if dist.get_rank() == 0:
             marker.unlink(missing_ok=True)
+        self.barrier("the shared-folder check")  # the marker is gone for everybody when this returns
         blind = [r for r, ok in enumerate(flags) if not ok]
         if blind:
             raise SharedFolderError(
