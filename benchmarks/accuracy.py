@@ -46,7 +46,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--model", default="resnet32_cifar")
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="method or auglocal:D")
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="method, auglocal:D, and @K for K local modules (e.g. man@4, auglocal:2@4); "
+                        "no @K is one module per block (K = N)")
     p.add_argument("--tau", type=float, default=0.5)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--train-subset", type=int, default=5000,
@@ -61,6 +62,9 @@ def parse_args() -> argparse.Namespace:
                         "with several threads, which also slows down badly when the machine is shared)")
     p.add_argument("--runs-dir", default="runs/accuracy")
     p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--keep-saved", action="store_true",
+                   help="keep the saved JSON's runs that this call does not run again (adding rows to a table "
+                        "measured earlier under the same recipe)")
     p.add_argument("--report-only", action="store_true",
                    help="re-render the table and plot from the saved JSON, without training")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more tools/train.py flags")
@@ -99,9 +103,21 @@ def make_subset(dataset: str, data_dir: str | None, size: int, seed: int, out: P
     return str(out)
 
 
+def parse_spec(spec: str) -> tuple[str, int | None, int | None]:
+    """``method[:depth][@K]`` -> (method, aux depth, local modules); None where the spec leaves it out."""
+    rest, _, modules = spec.partition("@")
+    method, _, depth = rest.partition(":")
+    return method, int(depth) if depth else None, int(modules) if modules else None
+
+
+def run_name(model: str, spec: str, seed: int) -> str:
+    method, depth, modules = parse_spec(spec)
+    return f"{model}-{method}{f'-d{depth}' if depth else ''}{f'-k{modules}' if modules else ''}-s{seed}"
+
+
 def run_one(args: argparse.Namespace, spec: str, seed: int, data_dir: str | None) -> dict[str, Any]:
-    method, _, depth = spec.partition(":")
-    name = f"{args.model}-{method}{'-d' + depth if depth else ''}-s{seed}"
+    method, depth, modules = parse_spec(spec)
+    name = run_name(args.model, spec, seed)
     out = Path(args.runs_dir) / args.dataset / name
     cmd = [sys.executable, str(ROOT / "tools" / "train.py"), "--dataset", args.dataset, "--model", args.model,
            "--method", method, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
@@ -111,7 +127,9 @@ def run_one(args: argparse.Namespace, spec: str, seed: int, data_dir: str | None
     if data_dir:
         cmd += ["--data-dir", data_dir]
     if depth:
-        cmd += ["--aux-depth", depth, "--tau", str(args.tau)]
+        cmd += ["--aux-depth", str(depth), "--tau", str(args.tau)]
+    if modules:
+        cmd += ["--local-modules", str(modules)]
     cmd += args.extra
     print("$", " ".join(cmd), flush=True)
     env = dict(os.environ)
@@ -129,7 +147,7 @@ def run_one(args: argparse.Namespace, spec: str, seed: int, data_dir: str | None
     for r in train:
         loss_per_epoch.setdefault(int(r["epoch"]), []).append(float(r["loss"]))
     return {
-        "method": method, "aux_depth": int(depth) if depth else None, "seed": seed, "run_dir": str(out),
+        "method": method, "aux_depth": depth, "local_modules": modules, "seed": seed, "run_dir": str(out),
         "final_top1": evals[-1]["top1"], "best_top1": max(r["top1"] for r in evals),
         "train_time_s": summary["train_time_s"], "wall_time_s": wall,
         "curve_epoch": [r["epoch"] for r in evals], "curve_top1": [r["top1"] for r in evals],
@@ -137,17 +155,22 @@ def run_one(args: argparse.Namespace, spec: str, seed: int, data_dir: str | None
     }
 
 
-def gmacs_of(model: str, method: str, depth: int | None, tau: float, image_size: int) -> float:
+def gmacs_of(model: str, method: str, depth: int | None, tau: float, image_size: int,
+             modules: int | None = None) -> float:
     import timm_local
     from timm_local.cost import macs_per_sample
 
-    lm = timm_local.create_local_model(model, method, aux_depth=depth, tau=tau if depth else None, num_classes=10)
+    lm = timm_local.create_local_model(model, method, aux_depth=depth, tau=tau if depth else None, num_classes=10,
+                                       method_kwargs={"local_modules": modules} if modules else None)
     return macs_per_sample(lm, (3, image_size, image_size))["gmacs"]
 
 
 def label(r: dict[str, Any]) -> str:
-    """Method, depth, and any head setting a run records that is not the paper's (e.g. head_norm=always)."""
+    """Method, depth, local modules, and any head setting a run records that is not the paper's (e.g.
+    head_norm=always). No K in the label means one module per block (K = N), as in the earlier rows."""
     name = f"{r['method']} d={r['aux_depth']}" if r["aux_depth"] else r["method"]
+    if r.get("local_modules"):
+        name += f" K={r['local_modules']}"
     extras = {k: v for k, v in r.get("method_config", {}).items() if k in ("head_norm", "head_hidden")}
     return name + "".join(f" {k}={v}" for k, v in extras.items())
 
@@ -209,6 +232,11 @@ def ordering_checks(groups: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         better(aug[0], "infopro", " (every AugLocal above every baseline)")
         better(aug[0], "dgl")
     better("infopro", "dgl")
+    for name, g in groups.items():  # MAN's and HPFF's papers: each beats InfoPro with the same local modules
+        first = g["runs"][0]
+        if first["method"] in ("man", "man_pp", "hpff"):
+            k = first.get("local_modules")
+            better(name, f"infopro K={k}" if k else "infopro", " (same K)")
     better("dgl", "predsim")
     return checks
 
@@ -288,6 +316,16 @@ def write_results(args: argparse.Namespace, runs: list[dict[str, Any]], subset: 
     print(f"wrote {stem}.md/.json/.png")
 
 
+def saved_runs_not_rerun(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """The saved table's runs, less those this call runs again (matched by method, depth, K and seed)."""
+    path = Path(args.results_dir) / f"accuracy_{args.dataset}.json"
+    if not path.exists():
+        return []
+    rerun = {(*parse_spec(spec), seed) for spec, seed in jobs}
+    return [r for r in json.loads(path.read_text())["runs"]
+            if (r["method"], r["aux_depth"], r.get("local_modules"), r["seed"]) not in rerun]
+
+
 def main() -> None:
     args = parse_args()
     if args.report_only:
@@ -299,16 +337,18 @@ def main() -> None:
         data_dir = make_subset(args.dataset, args.data_dir, args.train_subset, 0,
                                Path(args.runs_dir) / args.dataset / f"subset-{args.train_subset}")
     jobs = [(spec, seed) for seed in args.seeds for spec in args.methods]
+    kept = saved_runs_not_rerun(args, jobs) if args.keep_saved else []
     (Path(args.runs_dir) / args.dataset).mkdir(parents=True, exist_ok=True)
     runs: dict[int, dict[str, Any]] = {}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(run_one, args, spec, seed, data_dir): i for i, (spec, seed) in enumerate(jobs)}
         for future in as_completed(futures):
             r = future.result()
-            r["gmacs"] = gmacs_of(args.model, r["method"], r["aux_depth"], args.tau, args.image_size)
+            r["gmacs"] = gmacs_of(args.model, r["method"], r["aux_depth"], args.tau, args.image_size,
+                                  r["local_modules"])
             runs[futures[future]] = r
             # partial results survive an interruption; rerunning resumes unfinished runs
-            write_results(args, [runs[i] for i in sorted(runs)], args.train_subset)
+            write_results(args, kept + [runs[i] for i in sorted(runs)], args.train_subset)
 
 
 if __name__ == "__main__":

@@ -94,3 +94,28 @@ def test_tiny_real_run_writes_table_json_and_plot(tmp_path, monkeypatch):
     assert saved["meta"]["train_subset"] == 20
     assert "| auglocal d=2 |" in (results / "accuracy_fashion_mnist.md").read_text()
     assert (results / "accuracy_fashion_mnist.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_local_module_specs_name_runs_labels_and_papers_claims():
+    assert acc.parse_spec("man@4") == ("man", None, 4)
+    assert acc.parse_spec("auglocal:2@4") == ("auglocal", 2, 4)
+    assert acc.parse_spec("hpff") == ("hpff", None, None)
+    assert acc.run_name("resnet32_cifar", "auglocal:2@4", 1) == "resnet32_cifar-auglocal-d2-k4-s1"
+    runs = [dict(run("infopro", None, s, 75.0 + s), local_modules=4) for s in (0, 1)]
+    runs += [dict(run("man", None, s, 76.0 - 2 * s), local_modules=4) for s in (0, 1)]
+    runs += [run("hpff", None, 0, 70.0), run("infopro", None, 0, 71.0)]
+    groups = acc.group_runs(runs)
+    assert list(groups) == ["infopro K=4", "man K=4", "hpff", "infopro"]
+    checks = {c["claim"]: c for c in acc.ordering_checks(groups)}
+    man = checks["man K=4 > infopro K=4 (same K)"]  # seed 0: 76 > 75 holds; seed 1: 74 > 76 fails
+    assert (man["on_means"], man["seeds_holding"], man["seeds"]) == (False, 1, 2)
+    assert checks["hpff > infopro (same K)"]["on_means"] is False
+
+
+def test_keep_saved_drops_only_the_runs_being_rerun(tmp_path):
+    saved = [dict(run("infopro", None, 0, 75.0), local_modules=4), run("infopro", None, 0, 74.0),
+             run("bp", None, 1, 80.0)]
+    (tmp_path / "accuracy_d.json").write_text(json.dumps({"runs": saved}))
+    args = acc.argparse.Namespace(results_dir=str(tmp_path), dataset="d")
+    kept = acc.saved_runs_not_rerun(args, [("infopro@4", 0), ("bp", 0)])
+    assert [(r["method"], r.get("local_modules"), r["seed"]) for r in kept] == [("infopro", None, 0), ("bp", None, 1)]
