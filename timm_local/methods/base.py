@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..partition import Partition
+from ..registry import Registry
 
 
 def classification_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -97,7 +98,8 @@ class LocalMethod(ABC):
         return {}
 
 
-_METHODS: dict[str, type[LocalMethod]] = {}
+_METHODS: Registry[str, type[LocalMethod]] = Registry(
+    lambda name, known: ValueError(f"unknown method {name!r}; registered methods: {', '.join(known)}"))
 _M = TypeVar("_M", bound=type[LocalMethod])
 
 
@@ -106,21 +108,18 @@ def register_method(name: str) -> Callable[[_M], _M]:
 
     def decorator(cls: _M) -> _M:
         cls.name = name
-        _METHODS[name] = cls
-        return cls
+        return _METHODS.register(name, cls)
 
     return decorator
 
 
 def list_methods() -> list[str]:
-    return sorted(_METHODS)
+    return _METHODS.names()
 
 
 def method_class(name: str) -> type[LocalMethod]:
     """The registered class of method ``name``, or an error listing the registered methods."""
-    if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(list_methods())}")
-    return _METHODS[name]
+    return _METHODS.lookup(name)
 
 
 def method_hyperparameters(name: str) -> dict[str, Any]:
