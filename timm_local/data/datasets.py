@@ -16,7 +16,7 @@ from .sources import HFSource, ImageSplits, TorchvisionSource
 from .streams import STREAM_PREFIXES, open_streams, spec_prefix
 from .transforms import build_transform, expand_stats
 
-__all__ = ["DataConfig", "LABEL_SCAN_LIMIT", "count_classes", "create_datasets", "native_image_size"]
+__all__ = ["DataConfig", "count_classes", "create_datasets"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class DataConfig:
 
 
 #: The most images read to count the classes of a source that keeps no label list (a bounded pass).
-LABEL_SCAN_LIMIT = 10_000
+_LABEL_SCAN_LIMIT = 10_000
 
 
 def count_classes(splits: ImageSplits) -> int:
@@ -68,14 +68,14 @@ def count_classes(splits: ImageSplits) -> int:
     if labels is None and isinstance(src, TorchvisionSource):
         labels = getattr(src.dataset, "targets", None) or getattr(src.dataset, "labels", None)
     if labels is None:
-        if len(src) > LABEL_SCAN_LIMIT:
+        if len(src) > _LABEL_SCAN_LIMIT:
             raise ValueError(f"{splits.origin}: the class count is not stored with the data and finding it would "
                              f"decode all {len(src)} images; pass --num-classes")
         labels = [src[i][1] for i in range(len(src))]
     return int(np.max(np.asarray(labels))) + 1
 
 
-def native_image_size(splits: ImageSplits, image_size: Optional[int], seed: int = 0, warn: bool = True
+def _native_image_size(splits: ImageSplits, image_size: Optional[int], seed: int = 0, warn: bool = True
                       ) -> Optional[int]:
     """The input size of a dataset without a recipe from its image files' sizes, over a seeded sample of
     each split (:func:`~timm_local.data.input_size.sample_file_sizes`, which also checks those files): the
@@ -115,7 +115,7 @@ def _generic_recipe(splits: ImageSplits, dataset: str, image_size: Optional[int]
 
     The files are sampled (checked) even when the model decides: a wrong folder fails before the run starts.
     """
-    native = native_image_size(splits, image_size, seed, warn=model is None)
+    native = _native_image_size(splits, image_size, seed, warn=model is None)
     first, _ = splits.train[0]
     native_chans = 1 if first.mode in ("L", "1", "I", "I;16", "F") else 3
     if model is not None:

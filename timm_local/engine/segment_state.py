@@ -10,15 +10,15 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["SEGMENT_STATE_FORMAT", "load_segment_state", "segment_state"]
+__all__ = ["load_segment_state", "segment_state"]
 
-SEGMENT_STATE_FORMAT = "timm_local.pipeline_segment/1"
+_SEGMENT_STATE_FORMAT = "timm_local.pipeline_segment/1"
 
 
 def segment_state(tensors: dict[str, torch.Tensor], cut: Sequence[int], segment: int) -> dict[str, Any]:
     """``tensors`` (this segment's entries of ``model.state_dict()``) with the cut and segment they belong to."""
     return {
-        "format": SEGMENT_STATE_FORMAT,
+        "format": _SEGMENT_STATE_FORMAT,
         "cut": list(cut),
         "segment": segment,
         "model": {name: t.detach() for name, t in tensors.items()},
@@ -30,7 +30,7 @@ def load_segment_state(state: dict[str, Any], tensors: dict[str, torch.Tensor], 
                        segment: int) -> None:
     """Copy a :func:`segment_state` into ``tensors``, after checking that it was written by ``segment`` of
     ``cut`` and holds exactly these entries (nothing is copied otherwise)."""
-    if state.get("format") != SEGMENT_STATE_FORMAT:
+    if state.get("format") != _SEGMENT_STATE_FORMAT:
         raise ValueError(
             "not a pipeline segment state (PipelineTrainer.state_dict()); load a full LocalModel "
             "state with model.load_state_dict on every rank instead"

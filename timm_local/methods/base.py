@@ -117,7 +117,7 @@ def list_methods() -> list[str]:
     return _METHODS.names()
 
 
-def method_class(name: str) -> type[LocalMethod]:
+def _method_class(name: str) -> type[LocalMethod]:
     """The registered class of method ``name``, or an error listing the registered methods."""
     return _METHODS.lookup(name)
 
@@ -129,14 +129,14 @@ def method_hyperparameters(name: str) -> dict[str, Any]:
     (e.g. the paper's ``aux_depth`` / ``tau`` go only to methods that declare them), never by trying
     a construction and reading a ``TypeError``, which a real error inside a constructor would fake.
     """
-    signature = inspect.signature(method_class(name).__init__)
+    signature = inspect.signature(_method_class(name).__init__)
     return {p.name: p.default for p in list(signature.parameters.values())[1:]
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def create_method(name: str, **kwargs: Any) -> LocalMethod:
     """Instantiate a registered method; hyper-parameters it does not declare are an error."""
-    cls = method_class(name)
+    cls = _method_class(name)
     declared = method_hyperparameters(name)
     unknown = sorted(set(kwargs) - set(declared))
     if unknown:
