@@ -20,7 +20,7 @@ from .base import LocalHead, LocalStage
 
 
 # --------------------------------------------------------------------------- partition helpers
-def _model_input_size(partition: Partition) -> tuple[int, int, int]:
+def model_input_size(partition: Partition) -> tuple[int, int, int]:
     """(C, H, W) the partition was built (and its block specs measured) for."""
     c, h, w = partition.input_size
     return int(c), int(h), int(w)
@@ -28,7 +28,7 @@ def _model_input_size(partition: Partition) -> tuple[int, int, int]:
 
 def block_feature_size(partition: Partition, index: int) -> tuple[int, int]:
     """Expected (H, W) of block ``index``'s output at the model's input size."""
-    _, h, w = _model_input_size(partition)
+    _, h, w = model_input_size(partition)
     r = partition.specs[index].reduction
     return max(1, math.ceil(h / r)), max(1, math.ceil(w / r))
 
@@ -43,13 +43,13 @@ def next_downsampling(specs: Sequence[BlockSpec], index: int) -> BlockSpec | Non
 
 
 #: The methods whose auxiliary networks work on any block output layout (tokens included).
-_LAYOUT_FREE_METHODS = ("auglocal", "bp", "checkpoint")
+LAYOUT_FREE_METHODS = ("auglocal", "bp", "checkpoint")
 
 
 def require_feature_maps(partition: Partition, blocks: Sequence[int], method: str) -> None:
     """Refuse token outputs: DGL / PredSim / InfoPro heads are convolutions over a (C, H, W) map.
 
-    Channels-last maps are fine (the heads see them permuted, :class:`_ChannelsFirst`); a token
+    Channels-last maps are fine (the heads see them permuted, :class:`ChannelsFirst`); a token
     sequence (B, N, C) with class tokens has no grid to convolve, so the method is refused with
     the methods that do work on the model.
     """
@@ -59,11 +59,11 @@ def require_feature_maps(partition: Partition, blocks: Sequence[int], method: st
             raise ValueError(
                 f"method {method!r} needs (B, C, H, W) feature maps, but local block {spec.name!r} of "
                 f"{type(partition.model).__name__} outputs tokens of shape (B, {spec.shape[0]}, {spec.shape[1]}); "
-                f"on this model use one of {', '.join(_LAYOUT_FREE_METHODS)}"
+                f"on this model use one of {', '.join(LAYOUT_FREE_METHODS)}"
             )
 
 
-class _ChannelsFirst(LocalHead):
+class ChannelsFirst(LocalHead):
     """A feature-map head on a channels-last (B, H, W, C) block output: permutes, then delegates."""
 
     def __init__(self, head: LocalHead) -> None:
@@ -82,6 +82,17 @@ class _ChannelsFirst(LocalHead):
         self.head.after_backward()
 
 
+def per_block_stages(
+    partition: Partition, make_head: Callable[[int], LocalHead], method: str = "this method"
+) -> list[LocalStage]:
+    """A head on every block but the last; the last block and the network's top form the final stage.
+
+    This is the partition of DGL, PredSim and InfoPro in docs/spec.md §3 (InfoPro on ResNet-32:
+    K = 16 local modules, heads on modules 0..K-2).
+    """
+    return module_stages(partition, range(len(partition)), lambda index, k: make_head(index), method)
+
+
 def module_stages(
     partition: Partition, ends: Sequence[int], make_head: Callable[[int, int], LocalHead], method: str = "this method",
     channels_first: bool = True,
@@ -90,7 +101,7 @@ def module_stages(
 
     ``make_head(index, k)`` builds module ``k``'s head on the output of its last block ``index``; the last
     module and the network's top form the final stage. ``channels_first``: heads on channels-last maps see
-    them permuted (:class:`_ChannelsFirst`); False for heads that feed the map to copies of later blocks.
+    them permuted (:class:`ChannelsFirst`); False for heads that feed the map to copies of later blocks.
     """
     n = len(partition)
     if n < 2:
@@ -104,7 +115,7 @@ def module_stages(
         head = make_head(index, k)
         init_like_primary(head)
         if channels_first and partition.specs[index].layout == "NHWC":
-            head = _ChannelsFirst(head)
+            head = ChannelsFirst(head)
         stages.append(LocalStage(list(range(start, index + 1)), head))
         start = index + 1
     stages.append(LocalStage(list(range(start, n))))

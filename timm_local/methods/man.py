@@ -30,7 +30,7 @@ from .infopro import InfoProClassifier, ReconstructionWeights, classifier_width,
 from .modules import LocalModules
 
 
-def _next_block_copy(partition: Partition, end: int) -> nn.Module:
+def next_block_copy(partition: Partition, end: int) -> nn.Module:
     """A freshly initialised copy of block ``end + 1`` fed with block ``end``'s output (its own input)."""
     j = end + 1
     if partition.copies_keep_shape:
@@ -39,7 +39,7 @@ def _next_block_copy(partition: Partition, end: int) -> nn.Module:
     return partition.make_block_like(j, partition.specs[end].out_chs, stride)
 
 
-def _parameter_pairs(copy: nn.Module, primary: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+def parameter_pairs(copy: nn.Module, primary: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
     """(copy's parameter, primary's parameter) in module order, as the official ``zip`` pairs them."""
     pairs = list(zip(copy.parameters(), primary.parameters()))
     if len(pairs) != len(list(primary.parameters())) or len(pairs) != len(list(copy.parameters())) or any(
@@ -69,7 +69,7 @@ class MomentumBlockHead(LocalHead):
         self.channels_last = channels_last
         self.primary = (primary,)
         self.reads_blocks = (primary_index,)
-        _parameter_pairs(ema, primary)  # refuse a copy that cannot follow its block, at build time
+        parameter_pairs(ema, primary)  # refuse a copy that cannot follow its block, at build time
 
     def aux_input(self, features: torch.Tensor) -> torch.Tensor:
         y = self.lb(features) + self.ema(features)
@@ -91,7 +91,7 @@ class MomentumBlockHead(LocalHead):
         if not self.training:  # an evaluation pass runs the local step too; the copies move in training only
             return
         m = self.momentum
-        for ema, weight in _parameter_pairs(self.ema, self.primary[0]):
+        for ema, weight in parameter_pairs(self.ema, self.primary[0]):
             ema.copy_(ema * m + weight * (1 - m))  # the official expression, rounding included
 
     def extra_repr(self) -> str:
@@ -147,7 +147,7 @@ class MAN(LocalModules, ReconstructionWeights, LocalMethod):
                              f"{spec.name!r} outputs tokens; use auglocal on this model")
         conv_chs, stride = infopro_conv(partition, j)
         lambda_x, lambda_y = weights.at(k, num_heads)
-        return self.head_class(_next_block_copy(partition, index), _next_block_copy(partition, index),
+        return self.head_class(next_block_copy(partition, index), next_block_copy(partition, index),
                                InfoProClassifier(spec.out_chs, conv_chs, stride, num_classes, self.hidden),
                                InfoProDecoder(spec.out_chs, mean, std), lambda_x, lambda_y, self.momentum,
                                partition.blocks[j], j, channels_last=spec.layout == "NHWC")
