@@ -16,11 +16,13 @@ magnitude more than that.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from script_loader import load_module
@@ -76,3 +78,68 @@ def test_earlier_checkpoint_resumes_exactly(tmp_path: Path, stopped_here: dict[s
         assert not different, f"{len(different)} tensors differ from the earlier version's run, e.g. {different[:3]}"
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], **ROUNDING, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("version", sorted(fixture.FIXTURES))
+def test_migrate_brings_a_fixture_to_the_current_version_once(tmp_path: Path, version: int, caplog) -> None:
+    from timm_local.format_version import FORMAT_VERSION
+    from timm_local.training.checkpoint import load_state, verify_checkpoint
+    from timm_local.training.run_format import DUPLICATED_KEYS, migrate
+
+    run = tmp_path / "run"
+    shutil.copytree(fixture.FIXTURES[version], run, ignore=shutil.ignore_patterns("expected_final.safetensors"))
+    ckpt = _latest(run)
+    before = {name: load_state(ckpt, name) for name in ("model", "optimizer")}
+    assert migrate(run) == [ckpt]
+    assert migrate(run) == []  # once: a current folder is left as it is
+    lines = [r.getMessage() for r in caplog.records if "migrated checkpoint" in r.getMessage()]
+    assert len(lines) == 1 and f"version {version} to {FORMAT_VERSION}" in lines[0]
+    meta = verify_checkpoint(ckpt)
+    assert meta["format_version"] == FORMAT_VERSION and not set(DUPLICATED_KEYS) & set(meta)
+    assert {k: meta["config"][k] for k in ("batch_size", "epochs", "lr", "dataset", "aux_depth", "tau")} == \
+        {"batch_size": 8, "epochs": 1, "lr": 0.05, "dataset": "digits", "aux_depth": 2, "tau": 0.5}
+    assert meta["verified_finite"] is True
+    assert not [p.name for p in ckpt.iterdir() if not p.name.endswith((".safetensors", ".json"))]
+    assert all(torch.equal(before["model"][k], v) for k, v in load_state(ckpt, "model").items())
+    assert before["optimizer"]["param_groups"] == load_state(ckpt, "optimizer")["param_groups"]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["format_version"] == FORMAT_VERSION and config["history"][0]["event"] == "start"
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "config"])
+def test_a_newer_run_format_is_refused_naming_the_upgrade(tmp_path: Path, where: str, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(fixture.FIXTURES[max(fixture.FIXTURES)], run,
+                    ignore=shutil.ignore_patterns("expected_final.safetensors"))
+    if where == "checkpoint":
+        path = _latest(run) / "checkpoint_meta.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 99}))
+    else:
+        path = run / "config.yaml"
+        path.write_text(yaml.safe_dump({"format_version": 99, **yaml.safe_load(path.read_text())}))
+    written = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert train_tool.main(["--output-dir", str(run), "--resume", "auto"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(path) in lines[0] and "newer timm_local (run format 99" in lines[0], lines
+    assert "upgrade timm_local" in lines[0]
+    assert {p: p.stat().st_mtime_ns for p in written} == written  # nothing of the run was touched
+
+
+def test_export_metadata_is_versioned_and_older_exports_read_alike(tmp_path: Path) -> None:
+    import timm
+
+    from timm_local.export import export_backbone, read_export_metadata
+    from timm_local.format_version import FORMAT_VERSION, RunFormatError
+
+    model = timm.create_model("resnet20_cifar", num_classes=10, channels=[4, 8, 16])
+    data = dict(input_size=(3, 8, 8), mean=(0.5,) * 3, std=(0.5,) * 3)
+    new = {"format_version": FORMAT_VERSION, "method": "auglocal", "method_config": {"aux_depth": 2, "tau": 0.5}}
+    old = {"method": "auglocal", "method_config": {"aux_depth": 2, "tau": 0.5}, "aux_depth": 2, "tau": 0.5}
+    for name, meta in (("new", new), ("old", old)):
+        export_backbone(model, tmp_path / name, data_config=data, metadata=meta)
+    assert "aux_depth" not in json.loads((tmp_path / "new" / "config.json").read_text())["timm_local"]
+    assert read_export_metadata(tmp_path / "new") == {**read_export_metadata(tmp_path / "old"),
+                                                      "format_version": FORMAT_VERSION}
+    export_backbone(model, tmp_path / "newer", data_config=data, metadata={**new, "format_version": 99})
+    with pytest.raises(RunFormatError, match="newer timm_local .*upgrade"):
+        read_export_metadata(tmp_path / "newer")

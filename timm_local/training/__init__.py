@@ -11,7 +11,8 @@ after_epoch, after_train, on_stop), ``hooks`` (the built-in periodic jobs in the
 EMA, metrics window, progress, evaluation, checkpointing, console, preemption; a user's hooks, passed to
 :func:`fit`, run after them), ``checkpoint`` (what a checkpoint holds; atomic,
 verified save, listing, rotation), ``safe_state`` (state files without pickle), ``restore`` (a checkpoint
-into a live run), ``legacy`` / ``migrate`` (the older pickle format, read safely and migrated once),
+into a live run), ``legacy`` (the older pickle format, read safely), ``run_format`` (the run format's versions and the one
+:func:`~.run_format.migrate` that brings an older run folder to the current one),
 ``resume`` (which checkpoint, compatibility, changes, history), ``lock`` (one writer per run folder),
 ``preempt`` (SIGTERM/SIGUSR1 save and stop), ``finite`` (nothing non-finite stepped or saved), ``metrics``
 (metrics.jsonl + trackers), ``evaluate``, ``run`` (reading and exporting finished run folders), ``plot``

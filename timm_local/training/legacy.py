@@ -6,7 +6,7 @@ Such a checkpoint holds ``custom_checkpoint_{0,1,2}.pkl`` (model, schedule, loop
 numbers, no code), whose unpickler refuses any other global *before* calling it; a file it refuses is an
 :class:`UnsafePickleError` naming :data:`TRUST_FLAG`, which reads it with full pickle, knowingly.
 
-:mod:`~timm_local.training.migrate` rewrites such a checkpoint as safetensors, once.
+:func:`~timm_local.training.run_format.migrate` rewrites such a checkpoint as safetensors, once.
 """
 from __future__ import annotations
 

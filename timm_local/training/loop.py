@@ -26,6 +26,7 @@ import yaml
 from ..config import CONFIG_NAME, SCHEDULE_KEYS, ConfigError, TrainConfig, validate_config
 from ..distributed import RollCall
 from ..export import to_jsonable
+from ..format_version import FORMAT_VERSION, VERSION_KEY
 from .builders import (build_local_model, check_precision, device_batches, eval_batch_size, make_accelerator,
                        make_loader, normalize_on_device, prepare_optimization, restart_schedule, run_datasets,
                        settled_by_accelerate, tune_convolutions)
@@ -35,11 +36,11 @@ from .finite import FiniteGuard, NonFiniteLossError
 from .hooks import default_hooks
 from .lock import hold_run_folder
 from .metrics import METRICS_NAME, MetricsLog, TrainWindow, scalar_config, tracker_names
-from .migrate import migrate_run_folder
 from .preempt import Preempted, PreemptionWatch, parse_signals
 from .resolved import resolve_choices
 from .resume import discard_newer_checkpoints, resolve_resume, resume_state, run_history, run_meta
 from .run import EXPORT_DIR, export_trained
+from .run_format import migrate
 from .runners import Runner
 from .starting import architecture_only, weights_source
 from .state import TrainResult, TrainState
@@ -146,7 +147,7 @@ def _open_run_folder(s: _SetUp, runner: Runner, accelerator: Any, roll: RollCall
     """From here on the run writes into its folder: config.yaml, the metrics log, the trackers."""
     cfg, output_dir, world = s.cfg, s.cfg.resolved_output_dir(), accelerator.num_processes
     steps_per_epoch = runner.steps_per_epoch
-    resolved = {**cfg.to_dict(), "output_dir": str(output_dir), "data": dataclasses.asdict(s.data),
+    resolved = {VERSION_KEY: FORMAT_VERSION, **cfg.to_dict(), "output_dir": str(output_dir), "data": dataclasses.asdict(s.data),
                 "method_config": s.lm.method_config,
                 "runtime": {"num_processes": world, "steps_per_epoch": steps_per_epoch,
                             "total_steps": steps_per_epoch * cfg.epochs, "device": str(accelerator.device),
@@ -158,7 +159,7 @@ def _open_run_folder(s: _SetUp, runner: Runner, accelerator: Any, roll: RollCall
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         discard_newer_checkpoints(output_dir, s.resume_from)
-        migrate_run_folder(output_dir, cfg.trust_pickle)  # lossless, once: the folder then holds no pickle
+        migrate(output_dir, cfg.trust_pickle)  # lossless, once: the folder then holds the current run format
         if s.later_best:
             (output_dir / BEST_NAME).unlink()
         (output_dir / CONFIG_NAME).write_text(yaml.safe_dump(to_jsonable(resolved), sort_keys=False))

@@ -17,17 +17,15 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from ..config import CONFIG_NAME, FIXED_ON_RESUME, TrainConfig, config_changes, is_resuming
 from ..errors import UserError
 from .checkpoint import (CHECKPOINT_DIR, CHECKPOINT_PREFIX, META_NAME, CheckpointError, UnsafePickleError,
                          checkpoint_folders, checkpoint_step, newest_verified, read_checkpoint_meta, remove_checkpoint,
                          verify_checkpoint)
 from .metrics import METRICS_NAME
-from .resolved import fill_resolved
 from .restore import restore_checkpoint
 from .run import EXPORT_DIR
+from .run_format import current_meta, read_run_config
 from .state import TrainState
 
 __all__ = ["CheckpointMismatchError", "RUN_OUTPUTS", "check_compatible", "discard_newer_checkpoints",
@@ -138,7 +136,6 @@ def run_meta(cfg: TrainConfig, lm: Any, data: Any, world: int) -> dict[str, Any]
     return {
         "model": cfg.model, "method": lm.method_name, "method_config": lm.method_config,
         "num_classes": data.num_classes, "in_chans": data.in_chans, "image_size": data.image_size,
-        "dataset": data.dataset, "batch_size": cfg.batch_size, "epochs": cfg.epochs, "lr": cfg.lr,
         "num_processes": world, "config": cfg.to_dict(),
     }
 
@@ -165,9 +162,7 @@ def check_compatible(meta: dict[str, Any], expected: dict[str, Any], checkpoint:
 
 def resume_changes(meta: dict[str, Any], cfg: TrainConfig, checkpoint: Path) -> dict[str, dict[str, Any]]:
     """What ``cfg`` changes of the configuration the checkpoint was trained with; refuses what cannot change."""
-    before = meta.get("config") or {k: meta[k] for k in ("batch_size", "epochs", "lr") if k in meta}
-    before = fill_resolved(before, meta.get("dataset"), meta.get("method_config") or {})
-    changes = config_changes(before, cfg)
+    changes = config_changes(current_meta(meta)["config"], cfg)
     refused = [k for k in FIXED_ON_RESUME if k in changes]
     precision = changes.get("mixed_precision")
     if precision and "fp16" in (precision["was"], precision["now"]):
@@ -226,11 +221,9 @@ def run_history(output_dir: Path, cfg: TrainConfig, resume_from: Optional[Path],
     start = {"event": "start", "step": 0, "config": cfg.to_dict()}
     if resume_from is None:
         return [start]
-    previous: list[dict[str, Any]] = []
+    previous = [{"event": "start", "step": 0, "config": None}]  # a checkpoint whose run folder lost its config
     for path in (output_dir / CONFIG_NAME, resume_from.parent.parent / CONFIG_NAME):
         if path.is_file():
-            previous = (yaml.safe_load(path.read_text()) or {}).get("history") or []
+            previous = read_run_config(path)["history"]
             break
-    if not previous:  # a run written before the history was kept
-        previous = [{"event": "start", "step": 0, "config": None}]
     return previous + [{"event": "resume", "step": step, "checkpoint": resume_from.name, "changed": changes}]
