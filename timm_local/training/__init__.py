@@ -21,7 +21,7 @@ class distributions), ``weights`` (the best epoch's backbone, the EMA, what is e
 """
 from __future__ import annotations
 
-from ..config import TrainConfig, validate_config
+from ..config import TrainConfig
 from .builders import build_local_model, eval_batch_size, run_datasets
 from .checkpoint import (CHECKPOINT_DIR, META_NAME, TMP_PREFIX, CheckpointError, latest_checkpoint, list_checkpoints,
                          newest_verified, read_checkpoint_meta, verify_checkpoint)
@@ -47,5 +47,4 @@ __all__ = [
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg`` (single process, or every process of a launch) on the engine ``cfg.engine`` names."""
-    validate_config(cfg)
-    return fit(cfg, make_runner(cfg))
+    return fit(cfg)
