@@ -143,3 +143,20 @@ def test_export_metadata_is_versioned_and_older_exports_read_alike(tmp_path: Pat
     export_backbone(model, tmp_path / "newer", data_config=data, metadata={**new, "format_version": 99})
     with pytest.raises(RunFormatError, match="newer timm_local .*upgrade"):
         read_export_metadata(tmp_path / "newer")
+
+
+@pytest.mark.parametrize("version", sorted(fixture.FIXTURES))
+def test_resuming_another_runs_older_folder_reads_it_without_changing_it(tmp_path: Path, version: int) -> None:
+    """``--resume PATH`` of another run folder reads its older version in memory; only this run's own folder
+    is migrated."""
+    source = tmp_path / "source"
+    shutil.copytree(fixture.FIXTURES[version], source, ignore=shutil.ignore_patterns("expected_final.safetensors"))
+    before = {p: p.read_bytes() for p in source.rglob("*") if p.is_file()}
+    out = tmp_path / "continued"
+    assert train_tool.main([*fixture.FLAGS, "--resume", str(_latest(source)), "--max-steps",
+                            str(fixture.FINAL_STEP), "--output-dir", str(out)]) == 0
+    assert {p: p.read_bytes() for p in source.rglob("*") if p.is_file() and p.name != ".timm_local.lock"} == before
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["format_version"] == 3 and [e["event"] for e in config["history"]] == ["start", "resume"]
+    assert json.loads((_latest(out) / "checkpoint_meta.json").read_text())["format_version"] == 3
+    assert _latest(out).name == f"step_{fixture.FINAL_STEP:08d}"

@@ -44,7 +44,7 @@ from typing import Any, Iterable, Optional, Union
 
 from ..format_version import FORMAT_VERSION, VERSION_KEY, version_of
 from .errors import CheckpointError, CheckpointWriteError, UnsafePickleError
-from .legacy import LEGACY_OBJECTS, legacy_files, load_pickle
+from .legacy import legacy_files, legacy_state, load_pickle
 from .safe_state import capture_rng, load_state_file, save_state_file, write_file
 from .state import TrainState
 
@@ -232,12 +232,9 @@ def load_state(checkpoint: Union[str, Path], name: str, trust_pickle: bool = Fal
     """The state ``name`` (``model``, ``optimizer``, ``scheduler``, ...) of a checkpoint, on the CPU."""
     checkpoint = Path(checkpoint)
     meta = read_checkpoint_meta(checkpoint)
-    if not is_legacy(meta):
-        return load_state_file(checkpoint / state_file(name))
-    if name == "optimizer":
-        return load_pickle(checkpoint / "optimizer.bin", trust_pickle)
-    index = list(meta.get("custom_objects", LEGACY_OBJECTS)).index(name)
-    return load_pickle(checkpoint / f"custom_checkpoint_{index}.pkl", trust_pickle)
+    if is_legacy(meta):
+        return legacy_state(checkpoint, meta, name, trust_pickle)
+    return load_state_file(checkpoint / state_file(name))
 
 
 def load_model_state(checkpoint: Union[str, Path], trust_pickle: bool = False) -> dict[str, Any]:
