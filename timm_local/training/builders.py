@@ -264,9 +264,8 @@ def tune_convolutions(device: Any) -> None:
 class Schedule:
     """The per-update learning-rate schedule: a timm scheduler (or none), restartable at a step.
 
-    Checkpointed through the state_dict protocol as the timm scheduler's own state (the format of every
-    checkpoint so far), plus the restart step when there is one
-    (:func:`~timm_local.training.resume.restart_schedule`).
+    Checkpointed through the state_dict protocol as the timm scheduler's own state, plus the step it was
+    restarted at (:func:`~timm_local.training.resume.restart_schedule`) when it was: absent means never.
     """
 
     START_KEY = "timm_local_start_step"
