@@ -160,3 +160,18 @@ def test_resuming_another_runs_older_folder_reads_it_without_changing_it(tmp_pat
     assert config["format_version"] == 3 and [e["event"] for e in config["history"]] == ["start", "resume"]
     assert json.loads((_latest(out) / "checkpoint_meta.json").read_text())["format_version"] == 3
     assert _latest(out).name == f"step_{fixture.FINAL_STEP:08d}"
+
+
+@pytest.mark.parametrize("version", sorted(fixture.FIXTURES))
+def test_an_older_run_folder_exports_without_being_changed(tmp_path: Path, version: int) -> None:
+    from timm_local.export import read_export_metadata
+
+    export_tool = load_module("_export_tool", ROOT / "tools" / "export.py")
+    source = tmp_path / "source"
+    shutil.copytree(fixture.FIXTURES[version], source, ignore=shutil.ignore_patterns("expected_final.safetensors"))
+    before = {p: p.read_bytes() for p in source.rglob("*") if p.is_file()}
+    assert export_tool.main([str(source), "--out", str(tmp_path / "export")]) == 0
+    assert {p: p.read_bytes() for p in source.rglob("*") if p.is_file()} == before
+    stored = json.loads((tmp_path / "export" / "config.json").read_text())["timm_local"]
+    assert stored["format_version"] == 3 and stored["method_config"] == {"aux_depth": 2, "tau": 0.5}
+    assert "aux_depth" not in stored and read_export_metadata(tmp_path / "export")["aux_depth"] == 2

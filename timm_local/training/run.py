@@ -27,7 +27,7 @@ from ..version import __version__
 from .builders import build_backbone, build_local_model
 from .checkpoint import CHECKPOINT_DIR, load_model_state, newest_verified, verify_checkpoint
 from .metrics import read_metrics
-from .run_format import read_run_config
+from .run_format import current_meta, read_run_config
 from .starting import architecture_only, weights_source
 from .state import TrainState
 
@@ -87,7 +87,7 @@ def read_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] =
         logger.warning("skipping checkpoint %s: %s", folder, why)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint under {CHECKPOINT_DIR}/")
-    meta = verify_checkpoint(ckpt, trust_pickle)
+    meta = current_meta(verify_checkpoint(ckpt, trust_pickle))  # an older checkpoint read in today's shape
     field_names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in resolved.items() if k in field_names})
     rebuild = architecture_only(cfg)
