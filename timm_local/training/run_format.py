@@ -8,9 +8,9 @@ A run folder outlives the code that wrote it, so what it holds is versioned (``f
   a manifest; the loop position moves into ``checkpoint_meta.json``.
 * **2 -> 3** (descriptions): the checkpoint's configuration is stored once, under ``config``, with the
   dataset, d and tau the run used (:func:`~.resolved.fill_resolved`; older checkpoints kept batch size,
-  epochs, lr and the dataset at the top level too, and the oldest had no ``config``); ``verified_finite`` says whether the weights are finite
-  (checked here, once, for checkpoints written before that check); ``config.yaml`` gets the ``history`` it
-  lacked (a start whose configuration is unknown).
+  epochs, lr and the dataset at the top level too, and the oldest had no ``config``); ``verified_finite``
+  says whether the weights are finite (checked here, once, for checkpoints written before that check);
+  ``config.yaml`` gets the ``history`` it lacked (a start whose configuration is unknown).
 
 Reading never needs a migrated folder: :func:`current_meta` and :func:`read_run_config` give an older
 checkpoint's or config's description in the current shape in memory (a resume compares against it before
