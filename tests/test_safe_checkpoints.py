@@ -68,7 +68,7 @@ def _accelerate_pickle_format(ckpt: Path, legacy: Path, manifest_too: bool) -> N
     torch.set_rng_state(saved)
     for i, state in enumerate((load_state(ckpt, "model"), load_state(ckpt, "scheduler"), meta["train_state"])):
         save_custom_state(Holder(state), str(legacy), i)
-    old = {k: v for k, v in meta.items() if k not in ("format", "states", "files")}
+    old = {k: v for k, v in meta.items() if k not in ("format", "format_version", "states", "files")}
     old["custom_objects"] = ["model", "scheduler", "train_state"]
     if manifest_too:
         old["files"] = manifest(legacy, [p.name for p in legacy.iterdir()])

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import yaml
 
 from .errors import UserError
+from .format_version import version_of
 from .timm_options import TIMM_RULES, TimmOptions
 
 __all__ = ["CONFIG_NAME", "ConfigError", "ENGINES", "FIXED_ON_RESUME", "INVOCATION_KEYS", "MIXED_PRECISIONS",
@@ -261,6 +262,7 @@ def previous_run_config(cfg: TrainConfig) -> Optional[tuple[Path, dict[str, Any]
     if path is None:
         return None
     saved = yaml.safe_load(path.read_text()) or {}
+    version_of(saved, str(path), 2)  # a newer timm_local's run folder is refused in its own words
     names = {f.name for f in fields(TrainConfig)}
     return path, {k: v for k, v in saved.items() if k in names and k not in INVOCATION_KEYS}
 

@@ -25,6 +25,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from .format_version import version_of
+
 __all__ = ["METADATA_KEY", "export_backbone", "load_exported", "loading_requirement", "pretrained_cfg_overlay",
            "push_export_to_hub", "read_export_metadata", "to_jsonable"]
 
@@ -151,9 +153,15 @@ def _model_card(export_dir: Path, card: Optional[Mapping[str, Any]], metadata: O
 
 
 def read_export_metadata(export_dir: Union[str, Path]) -> dict[str, Any]:
-    """The training metadata stored by :func:`export_backbone` (empty dict if none)."""
-    config = json.loads((Path(export_dir) / "config.json").read_text())
-    return dict(config.get(METADATA_KEY, {}))
+    """The training metadata stored by :func:`export_backbone` (empty dict if none), with the method's
+    hyper-parameters (``method_config``) also at the top level, where exports before run-format version 3
+    stored them: readers of any export find ``meta["aux_depth"]`` alike. An export of a newer run format
+    than this code reads is a :class:`~timm_local.format_version.RunFormatError`."""
+    path = Path(export_dir) / "config.json"
+    meta = dict(json.loads(path.read_text()).get(METADATA_KEY, {}))
+    if meta:
+        version_of(meta, str(path), 2)
+    return {**(meta.get("method_config") or {}), **meta}
 
 
 def pretrained_cfg_overlay(export_dir: Union[str, Path]) -> dict[str, Any]:

@@ -11,7 +11,8 @@ after_epoch, after_train, on_stop), ``hooks`` (the built-in periodic jobs in the
 EMA, metrics window, progress, evaluation, checkpointing, console, preemption; a user's hooks, passed to
 :func:`fit`, run after them), ``checkpoint`` (what a checkpoint holds; atomic,
 verified save, listing, rotation), ``safe_state`` (state files without pickle), ``restore`` (a checkpoint
-into a live run), ``legacy`` / ``migrate`` (the older pickle format, read safely and migrated once),
+into a live run), ``legacy`` (the older pickle format, read safely), ``run_format`` (the run format's versions and the one
+:func:`~.run_format.migrate` that brings an older run folder to the current one),
 ``resume`` (which checkpoint, compatibility, changes, history), ``lock`` (one writer per run folder),
 ``preempt`` (SIGTERM/SIGUSR1 save and stop), ``finite`` (nothing non-finite stepped or saved), ``metrics``
 (metrics.jsonl + trackers), ``evaluate``, ``run`` (reading and exporting finished run folders), ``plot``
@@ -20,7 +21,7 @@ class distributions), ``weights`` (the best epoch's backbone, the EMA, what is e
 """
 from __future__ import annotations
 
-from ..config import TrainConfig, validate_config
+from ..config import TrainConfig
 from .builders import build_local_model, eval_batch_size, run_datasets
 from .checkpoint import (CHECKPOINT_DIR, META_NAME, TMP_PREFIX, CheckpointError, latest_checkpoint, list_checkpoints,
                          newest_verified, read_checkpoint_meta, verify_checkpoint)
@@ -46,5 +47,4 @@ __all__ = [
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg`` (single process, or every process of a launch) on the engine ``cfg.engine`` names."""
-    validate_config(cfg)
-    return fit(cfg, make_runner(cfg))
+    return fit(cfg)

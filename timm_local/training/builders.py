@@ -26,7 +26,7 @@ from .state import TrainState
 __all__ = ["Schedule", "apply_speed_options", "augmentation_options", "build_backbone", "build_local_model",
            "check_precision", "device_batches", "eval_batch_size", "freeze_batchnorm", "has_accelerator",
            "make_accelerator", "make_loader", "method_kwargs", "normalize_on_device", "prepare_optimization",
-           "restart_schedule", "run_datasets", "settled_by_accelerate", "tune_convolutions"]
+           "run_datasets", "settled_by_accelerate", "timm_scheduler", "tune_convolutions"]
 
 logger = logging.getLogger(__name__)
 
@@ -264,8 +264,8 @@ def tune_convolutions(device: Any) -> None:
 class Schedule:
     """The per-update learning-rate schedule: a timm scheduler (or none), restartable at a step.
 
-    Checkpointed through the state_dict protocol as the timm scheduler's own state (the format of every
-    checkpoint so far), plus the restart step when there is one (:func:`restart_schedule`).
+    Checkpointed through the state_dict protocol as the timm scheduler's own state, plus the step it was
+    restarted at (:func:`~timm_local.training.resume.restart_schedule`) when it was: absent means never.
     """
 
     START_KEY = "timm_local_start_step"
@@ -289,29 +289,14 @@ class Schedule:
             self.scheduler.load_state_dict(state)
 
 
-def _timm_scheduler(cfg: TrainConfig, optimizer: Any, steps_per_epoch: int, epochs: float, warmup: float) -> Any:
+def timm_scheduler(cfg: TrainConfig, optimizer: Any, steps_per_epoch: int, epochs: float, warmup: float) -> Any:
+    """timm's ``cfg.sched`` schedule over ``epochs`` after ``warmup`` epochs, stepped per update."""
     from timm.scheduler import create_scheduler_v2
 
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=epochs, warmup_epochs=warmup, warmup_prefix=True,
         warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     return scheduler
-
-
-def restart_schedule(cfg: TrainConfig, optimizer: Any, schedule: Schedule, step: int, steps_per_epoch: int) -> None:
-    """A resume that changes the schedule (``lr``, ``epochs``, ``sched``, ``min_lr``, warm-up): a fresh
-    ``cfg.sched`` schedule from ``cfg.lr`` at ``step`` to ``cfg.min_lr`` at the end of ``cfg.epochs``, without
-    warm-up -- what the flags say, applied from here on (the steps done keep the lr they were trained with)."""
-    remaining = cfg.epochs * steps_per_epoch - step
-    if remaining <= 0:
-        return
-    for group in optimizer.param_groups:  # timm takes the peak from initial_lr, which the checkpoint restored
-        group["lr"] = group["initial_lr"] = cfg.lr
-    schedule.scheduler = _timm_scheduler(cfg, optimizer, steps_per_epoch, remaining / steps_per_epoch, 0.0)
-    schedule.start_step = step
-    schedule.step_update(step)
-    logger.warning("the learning-rate schedule restarts at step %d: %s from lr=%g to %g over the remaining %d steps",
-                   step, cfg.sched, cfg.lr, cfg.min_lr, remaining)
 
 
 def prepare_optimization(cfg: TrainConfig, lm: Any, accelerator: Any, steps_per_epoch: int
@@ -330,7 +315,7 @@ def prepare_optimization(cfg: TrainConfig, lm: Any, accelerator: Any, steps_per_
     warmup = float(min(cfg.warmup_epochs, cfg.epochs / 2)) if cfg.warmup_epochs else 0.0
     if warmup != cfg.warmup_epochs:
         logger.warning("warmup_epochs=%s >= half of epochs=%s: using %s", cfg.warmup_epochs, cfg.epochs, warmup)
-    schedule = Schedule(_timm_scheduler(cfg, optimizer, steps_per_epoch, cfg.epochs - warmup, warmup))
+    schedule = Schedule(timm_scheduler(cfg, optimizer, steps_per_epoch, cfg.epochs - warmup, warmup))
     optimizer = accelerator.prepare(optimizer)
     register_for_checkpointing(accelerator, lm, optimizer, schedule)
     return optimizer, schedule, TrainState()

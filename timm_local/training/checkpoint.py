@@ -17,7 +17,7 @@ named file: ``add_checkpoint_state(accelerator, "ema", obj)`` with ``obj`` havin
 ``load_state_dict()`` (tensors, numbers, strings and containers of them); every save then writes
 ``ema.safetensors`` and every resume loads it (a checkpoint written before it existed leaves ``obj`` as it is,
 with a warning). Checkpoints of the older pickle format are read with ``weights_only=True``
-(:mod:`~timm_local.training.legacy`) and migrated once (:mod:`~timm_local.training.migrate`).
+(:mod:`~timm_local.training.legacy`) and migrated once (:mod:`~timm_local.training.run_format`).
 
 Why each step is hand-written:
 
@@ -42,14 +42,15 @@ import weakref
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
+from ..format_version import FORMAT_VERSION, VERSION_KEY, version_of
 from .errors import CheckpointError, CheckpointWriteError, UnsafePickleError
-from .legacy import LEGACY_OBJECTS, legacy_files, load_pickle
+from .legacy import legacy_files, legacy_state, load_pickle
 from .safe_state import capture_rng, load_state_file, save_state_file, write_file
 from .state import TrainState
 
 __all__ = ["CHECKPOINT_DIR", "CHECKPOINT_PREFIX", "CheckpointError", "CheckpointWriteError", "FORMAT", "FORMAT_KEY",
            "META_NAME", "TMP_PREFIX", "TRASH_PREFIX", "UnsafePickleError", "add_checkpoint_state", "any_process",
-           "checkpoint_folders", "checkpoint_states", "checkpoint_step", "is_complete", "is_legacy",
+           "checkpoint_folders", "checkpoint_states", "checkpoint_step", "checkpoint_version", "is_complete", "is_legacy",
            "latest_checkpoint", "list_checkpoints", "load_model_state", "load_state", "manifest", "newest_verified",
            "read_checkpoint_meta", "register_for_checkpointing", "remove_checkpoint", "rng_file", "save_checkpoint",
            "state_file", "verify_checkpoint", "write_error"]
@@ -61,6 +62,7 @@ CHECKPOINT_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".old-"
 META_NAME = "checkpoint_meta.json"
+#: How a version-2 checkpoint said it was not of the pickle format (version 3 records ``format_version``).
 FORMAT_KEY, FORMAT = "format", "safetensors"
 
 _STATES: "weakref.WeakKeyDictionary[Any, dict[str, Any]]" = weakref.WeakKeyDictionary()
@@ -75,9 +77,16 @@ def rng_file(rank: int) -> str:
     return f"rng_{rank}.safetensors"
 
 
+def checkpoint_version(meta: dict[str, Any], where: Union[str, Path] = META_NAME) -> int:
+    """The run-format version of a checkpoint (its ``checkpoint_meta.json``); a newer one than this code reads
+    is a :class:`~timm_local.format_version.RunFormatError`. Before versions were recorded, version 2 said
+    ``"format": "safetensors"`` and version 1 (Accelerate's pickles) nothing."""
+    return version_of(meta, str(where), 2 if meta.get(FORMAT_KEY) == FORMAT else 1)
+
+
 def is_legacy(meta: dict[str, Any]) -> bool:
-    """Whether a checkpoint (its ``checkpoint_meta.json``) is of the pickle format."""
-    return meta.get(FORMAT_KEY) != FORMAT
+    """Whether a checkpoint (its ``checkpoint_meta.json``) is of the pickle format (run-format version 1)."""
+    return checkpoint_version(meta) == 1
 
 
 def add_checkpoint_state(accelerator: Any, name: str, obj: Any) -> None:
@@ -187,6 +196,7 @@ def verify_checkpoint(checkpoint: Union[str, Path], trust_pickle: bool = False) 
     """
     checkpoint = Path(checkpoint)
     meta = read_checkpoint_meta(checkpoint)
+    checkpoint_version(meta, checkpoint / META_NAME)  # a newer format is refused, not skipped as corrupt
     step = meta.get("train_state", {}).get("global_step")
     if checkpoint.name[len(CHECKPOINT_PREFIX):].isdigit() and step is not None and step != checkpoint_step(checkpoint):
         raise CheckpointError(f"{checkpoint / META_NAME} describes step {step}, not the folder's step (a renamed or "
@@ -222,12 +232,9 @@ def load_state(checkpoint: Union[str, Path], name: str, trust_pickle: bool = Fal
     """The state ``name`` (``model``, ``optimizer``, ``scheduler``, ...) of a checkpoint, on the CPU."""
     checkpoint = Path(checkpoint)
     meta = read_checkpoint_meta(checkpoint)
-    if not is_legacy(meta):
-        return load_state_file(checkpoint / state_file(name))
-    if name == "optimizer":
-        return load_pickle(checkpoint / "optimizer.bin", trust_pickle)
-    index = list(meta.get("custom_objects", LEGACY_OBJECTS)).index(name)
-    return load_pickle(checkpoint / f"custom_checkpoint_{index}.pkl", trust_pickle)
+    if is_legacy(meta):
+        return legacy_state(checkpoint, meta, name, trust_pickle)
+    return load_state_file(checkpoint / state_file(name))
 
 
 def load_model_state(checkpoint: Union[str, Path], trust_pickle: bool = False) -> dict[str, Any]:
@@ -328,7 +335,7 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, meta:
     if accelerator.is_main_process and error is None:
         try:
             ranks = [rng_file(r) for r in range(accelerator.num_processes)]
-            full = {**meta, FORMAT_KEY: FORMAT, "states": sorted(checkpoint_states(accelerator)),
+            full = {VERSION_KEY: FORMAT_VERSION, **meta, "states": sorted(checkpoint_states(accelerator)),
                     "train_state": state.state_dict(), "files": manifest(tmp, written + ranks)}
             write_file(tmp / META_NAME, json.dumps(full, indent=2).encode())
         except OSError as e:

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from .checkpoint import CheckpointError, checkpoint_folders, checkpoint_step, load_model_state, verify_checkpoint
+from .checkpoint import CheckpointError, checkpoint_folders, checkpoint_step, verify_checkpoint
 
 __all__ = ["FINITE_KEY", "FiniteGuard", "NonFiniteLossError", "all_finite", "good_checkpoint", "inputs_not_finite",
            "last_finite_checkpoint", "non_finite_advice", "non_finite_message"]
@@ -93,8 +93,9 @@ class FiniteGuard:
 
 
 def last_finite_checkpoint(output_dir: Path, below: Optional[int] = None) -> Optional[Path]:
-    """The newest checkpoint of a run that verifies and holds only finite weights (checked when written, or
-    now for checkpoints written before that check existed), of a step below ``below`` if given."""
+    """The newest checkpoint of a run that verifies and holds only finite weights (checked when it was
+    written; a resume migrates older checkpoints, :mod:`.run_format`, which records it), of a step below
+    ``below`` if given."""
     for folder in reversed(checkpoint_folders(output_dir)):
         if below is not None and checkpoint_step(folder) >= below:
             continue
@@ -104,11 +105,6 @@ def last_finite_checkpoint(output_dir: Path, below: Optional[int] = None) -> Opt
             continue
         if meta.get(FINITE_KEY):
             return folder
-        try:
-            if FINITE_KEY not in meta and all_finite(load_model_state(folder).values()):
-                return folder
-        except CheckpointError:  # a pickle that names code: not a checkpoint to recommend
-            continue
     return None
 
 

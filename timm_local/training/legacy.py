@@ -6,7 +6,7 @@ Such a checkpoint holds ``custom_checkpoint_{0,1,2}.pkl`` (model, schedule, loop
 numbers, no code), whose unpickler refuses any other global *before* calling it; a file it refuses is an
 :class:`UnsafePickleError` naming :data:`TRUST_FLAG`, which reads it with full pickle, knowingly.
 
-:mod:`~timm_local.training.migrate` rewrites such a checkpoint as safetensors, once.
+:func:`~timm_local.training.run_format.migrate` rewrites such a checkpoint as safetensors, once.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 from .errors import CheckpointError, UnsafePickleError
 
-__all__ = ["LEGACY_OBJECTS", "TRUST_FLAG", "legacy_files", "load_pickle", "read_legacy"]
+__all__ = ["LEGACY_OBJECTS", "TRUST_FLAG", "legacy_files", "legacy_state", "load_pickle", "read_legacy"]
 
 TRUST_FLAG = "--trust-pickle"
 #: Accelerate's custom objects of the pickle format, in ``register_for_checkpointing`` order.
@@ -54,6 +54,14 @@ def load_pickle(path: Union[str, Path], trust_pickle: bool = False) -> Any:
             f"data). Pass {TRUST_FLAG} to load it anyway, only for a run folder you trust") from None
     except Exception as e:  # truncated, not a torch file: name it
         raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def legacy_state(checkpoint: Path, meta: dict[str, Any], name: str, trust_pickle: bool = False) -> Any:
+    """One state (``model``, ``optimizer``, ``scheduler``, ``train_state``) of a pickle-format checkpoint."""
+    if name == "optimizer":
+        return load_pickle(checkpoint / _OPTIMIZER, trust_pickle)
+    index = list(meta.get("custom_objects", LEGACY_OBJECTS)).index(name)
+    return load_pickle(checkpoint / f"custom_checkpoint_{index}.pkl", trust_pickle)
 
 
 def _rng(states: dict[str, Any]) -> dict[str, Any]:

@@ -18,48 +18,49 @@ import errno
 import logging
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
 
-from ..config import CONFIG_NAME, SCHEDULE_KEYS, ConfigError, TrainConfig, validate_config
+from ..config import CONFIG_NAME, ConfigError, TrainConfig, validate_config
 from ..distributed import RollCall
 from ..export import to_jsonable
+from ..format_version import FORMAT_VERSION, VERSION_KEY
 from .builders import (build_local_model, check_precision, device_batches, eval_batch_size, make_accelerator,
-                       make_loader, normalize_on_device, prepare_optimization, restart_schedule, run_datasets,
-                       settled_by_accelerate, tune_convolutions)
-from .checkpoint import add_checkpoint_state, any_process, read_checkpoint_meta, write_error
+                       make_loader, normalize_on_device, prepare_optimization, run_datasets, settled_by_accelerate,
+                       tune_convolutions)
+from .checkpoint import add_checkpoint_state, any_process, write_error
 from .console import memory_route_line, start_line
 from .finite import FiniteGuard, NonFiniteLossError
 from .hooks import default_hooks
 from .lock import hold_run_folder
 from .metrics import METRICS_NAME, MetricsLog, TrainWindow, scalar_config, tracker_names
-from .migrate import migrate_run_folder
 from .preempt import Preempted, PreemptionWatch, parse_signals
 from .resolved import resolve_choices
-from .resume import discard_newer_checkpoints, resolve_resume, resume_state, run_history, run_meta
+from .resume import Resumed, continue_in, resolve_resume, restore_window, resume_run, run_history, run_meta
 from .run import EXPORT_DIR, export_trained
-from .runners import Runner
+from .runners import Runner, make_runner
 from .starting import architecture_only, weights_source
 from .state import TrainResult, TrainState
 from .targets import Targets
 from .trainer import Hook, Trainer
-from .weights import BEST_NAME, best_is_later, create_ema, weights_to_export
+from .weights import create_ema, weights_to_export
 
 __all__ = ["NonFiniteLossError", "Preempted", "fit"]
 
 logger = logging.getLogger(__name__)
 
 
-def fit(cfg: TrainConfig, runner: Runner, hooks: Optional[Sequence[Hook]] = None) -> TrainResult:
-    """Train ``cfg`` with ``runner``'s engine (every process of a launch calls it) and export the backbone.
+def fit(cfg: TrainConfig, runner: Optional[Runner] = None, hooks: Optional[Sequence[Hook]] = None) -> TrainResult:
+    """Train ``cfg`` with ``runner``'s engine (by default the one ``cfg.engine`` names; every process of a
+    launch calls it) and export the backbone. The configuration is validated here, once.
 
     ``hooks`` run after the built-in ones (:mod:`.hooks`) at each point of the loop (:mod:`.trainer`). The
     main process holds the run folder's lock (:mod:`.lock`) and every process watches for preemption signals
     (:mod:`.preempt`) until it returns.
     """
     validate_config(cfg)
+    runner = runner if runner is not None else make_runner(cfg)
     try:
         signals = parse_signals(cfg.preempt_signals)
     except ValueError as e:
@@ -94,9 +95,7 @@ class _SetUp:
     state: TrainState
     ema: Any
     meta: dict[str, Any]
-    resume_from: Optional[Path]
-    changes: dict[str, Any]
-    later_best: bool
+    resumed: Resumed
     default_dataset: bool
 
 
@@ -127,44 +126,32 @@ def _set_up(cfg: TrainConfig, runner: Runner, accelerator: Any, roll: RollCall) 
     if ema is not None:
         add_checkpoint_state(accelerator, "ema", ema.module)  # ema.safetensors, saved and resumed with the rest
     meta = run_meta(cfg, lm, data, world)
-    changes: dict[str, Any] = {}
-    later_best = False
-    if resume_from is not None:  # full model and optimizer everywhere: any engine, cut or W resumes
-        changes = resume_state(accelerator, resume_from, meta, cfg, state, steps_per_epoch)
-        if any(k in changes for k in SCHEDULE_KEYS):
-            restart_schedule(cfg, optimizer, schedule, state.global_step, steps_per_epoch)
-        if ema is not None and "ema" not in read_checkpoint_meta(resume_from).get("states", []):
-            logger.warning("%s holds no EMA: the EMA starts from the resumed weights", resume_from)
-            ema.module.load_state_dict(lm.backbone.state_dict())
-        later_best = best_is_later(output_dir, state)  # every process forgets it, before process 0 removes it
-        accelerator.wait_for_everyone()
-    return _SetUp(cfg, data, lm, test_loader, targets, optimizer, schedule, state, ema, meta, resume_from, changes,
-                  later_best, default_dataset)
+    resumed = Resumed() if resume_from is None else resume_run(
+        accelerator, resume_from, cfg, meta, state, (optimizer, schedule), steps_per_epoch, ema, lm.backbone)
+    return _SetUp(cfg, data, lm, test_loader, targets, optimizer, schedule, state, ema, meta, resumed,
+                  default_dataset)
 
 
 def _open_run_folder(s: _SetUp, runner: Runner, accelerator: Any, roll: RollCall) -> MetricsLog:
     """From here on the run writes into its folder: config.yaml, the metrics log, the trackers."""
     cfg, output_dir, world = s.cfg, s.cfg.resolved_output_dir(), accelerator.num_processes
     steps_per_epoch = runner.steps_per_epoch
-    resolved = {**cfg.to_dict(), "output_dir": str(output_dir), "data": dataclasses.asdict(s.data),
-                "method_config": s.lm.method_config,
+    resolved = {VERSION_KEY: FORMAT_VERSION, **cfg.to_dict(), "output_dir": str(output_dir),
+                "data": dataclasses.asdict(s.data), "method_config": s.lm.method_config,
                 "runtime": {"num_processes": world, "steps_per_epoch": steps_per_epoch,
                             "total_steps": steps_per_epoch * cfg.epochs, "device": str(accelerator.device),
                             "mixed_precision": accelerator.mixed_precision,
                             "per_process_batch": runner.per_process_batch, **runner.runtime(),
-                            "resumed_from": str(s.resume_from) if s.resume_from else None,
+                            "resumed_from": str(s.resumed.checkpoint) if s.resumed.checkpoint else None,
                             "weights_from": weights_source(cfg)[0]},
-                "history": run_history(output_dir, cfg, s.resume_from, s.state.global_step, s.changes)}
+                "history": run_history(output_dir, cfg, s.resumed, s.state.global_step)}
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        discard_newer_checkpoints(output_dir, s.resume_from)
-        migrate_run_folder(output_dir, cfg.trust_pickle)  # lossless, once: the folder then holds no pickle
-        if s.later_best:
-            (output_dir / BEST_NAME).unlink()
+        continue_in(output_dir, s.resumed, cfg.trust_pickle)
         (output_dir / CONFIG_NAME).write_text(yaml.safe_dump(to_jsonable(resolved), sort_keys=False))
     accelerator.wait_for_everyone()
     roll.check_shared_folder(output_dir)  # checkpoints and resume need one folder seen by every node
-    metrics = MetricsLog(accelerator, output_dir / METRICS_NAME, s.state.global_step if s.resume_from else None)
+    metrics = MetricsLog(accelerator, output_dir / METRICS_NAME, s.state.global_step if s.resumed.checkpoint else None)
     if tracker_names(cfg.trackers):
         accelerator.init_trackers("timm_local", config=scalar_config(cfg.to_dict()))
     return metrics
@@ -175,7 +162,7 @@ def _fit(cfg: TrainConfig, runner: Runner, accelerator: Any, roll: RollCall, wat
     """:func:`fit` once the run folder is this run's: set-up, the trainer with its hooks, the export."""
     s = _set_up(cfg, runner, accelerator, roll)
     window = TrainWindow()  # per-stage sums since the last train row
-    window.restore(s.state.window, accelerator)
+    restore_window(window, s.state.window, accelerator)
     guard = FiniteGuard(s.lm, check_gradients=accelerator.scaler is None)
     metrics = _open_run_folder(s, runner, accelerator, roll)
     output_dir = s.cfg.resolved_output_dir()
@@ -183,7 +170,7 @@ def _fit(cfg: TrainConfig, runner: Runner, accelerator: Any, roll: RollCall, wat
         logger.info(start_line(s.cfg, s.data, s.lm, output_dir, accelerator.num_processes, s.default_dataset))
         logger.info(memory_route_line(accelerator.device))
     trainer = Trainer(s.cfg, accelerator, runner, s.lm, s.optimizer, s.schedule, s.state, s.targets, metrics, window,
-                      s.ema, output_dir, last_checkpoint=s.resume_from)
+                      s.ema, output_dir, last_checkpoint=s.resumed.checkpoint)
     trainer.register_hooks(default_hooks(guard, s.ema is not None, s.test_loader, s.meta, watch,
                                          f"{s.cfg.model}/{s.lm.method_name}{runner.label}") + hooks)
     trainer.train()

@@ -122,10 +122,9 @@ def train_row(window: torch.Tensor, epoch: int, step: int, lr: float, elapsed: f
 class TrainWindow:
     """The per-stage sums (:data:`WINDOW_KEYS`) since the last ``train`` row.
 
-    Checkpointed (:meth:`state` into the loop position, :meth:`restore` on resume), so a run resumed between
-    two rows logs the rows an uninterrupted run logs. The saved sums are the totals over processes; on resume
-    the main process carries them and the others start from zero, so the next row's all-reduce gives the same
-    totals (bit-identical in one process; with several, the float64 loss sums may be added in another order).
+    Checkpointed (:meth:`state` into the loop position; a resume restores it,
+    :func:`~timm_local.training.resume.restore_window`), so a run resumed between two rows logs the rows an
+    uninterrupted run logs.
     """
 
     def __init__(self) -> None:
@@ -147,11 +146,3 @@ class TrainWindow:
     def state(self, accelerator: Any) -> Optional[list[float]]:
         """The totals so far, for the checkpoint (a collective: every process calls it)."""
         return None if self.sums is None else self._totals(accelerator).tolist()
-
-    def restore(self, saved: Optional[list[float]], accelerator: Any) -> None:
-        if saved is None:
-            return
-        totals = torch.tensor(saved, dtype=torch.float64, device=accelerator.device)
-        if not accelerator.is_main_process:
-            totals = torch.zeros_like(totals)
-        self.sums = dict(zip(WINDOW_KEYS, totals.view(len(WINDOW_KEYS), -1).unbind(0)))

@@ -1,8 +1,8 @@
 """The values a run used where its config said "the default" (None): the dataset, d and tau.
 
-Why: config.yaml, checkpoints and the export should say what was trained, not "dataset: null"; and a
-checkpoint written before runs recorded them must still compare equal to the run that resumes it, so the
-same filling is applied to both sides of the resume comparison.
+Why: config.yaml, checkpoints and the export should say what was trained, not "dataset: null". The same
+filling brings the configuration of a checkpoint written before runs recorded these values to the current
+run format (:mod:`.run_format`), so it compares equal to the run that resumes it.
 """
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ def fill_resolved(values: Mapping[str, Any], dataset: Optional[str], method_conf
                   ) -> dict[str, Any]:
     """``values`` (a config as a dict) with the defaults it left open (None) replaced by what the run used.
 
-    Used on a new run's config and on a checkpoint's stored config alike, so a checkpoint written before
-    runs recorded these values compares equal to the run that resumes it.
+    Used on a new run's config and by the migration of an older checkpoint's stored config alike.
     """
     used = {"dataset": dataset, **{k: method_config.get(k) for k in ("aux_depth", "tau")}}
     return {**values, **{k: used[k] for k in RESOLVED_KEYS if values.get(k) is None and used[k] is not None}}

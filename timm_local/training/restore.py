@@ -22,9 +22,9 @@ def _read(checkpoint: Path, meta: dict[str, Any], rank: int, names: set[str], tr
         states = read_legacy(checkpoint, meta, trust_pickle)
         rng = states.pop("rng").get(rank)
         return states, rng, states.pop("train_state", meta.get("train_state", {}))
-    states = {n: load_state_file(checkpoint / state_file(n)) for n in meta.get("states", []) if n in names}
+    states = {n: load_state_file(checkpoint / state_file(n)) for n in meta["states"] if n in names}
     path = checkpoint / rng_file(rank)
-    return states, (load_state_file(path) if path.is_file() else None), meta.get("train_state", {})
+    return states, (load_state_file(path) if path.is_file() else None), meta["train_state"]
 
 
 def restore_checkpoint(accelerator: Any, checkpoint: Path, state: TrainState, trust_pickle: bool = False) -> None:

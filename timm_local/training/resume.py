@@ -1,37 +1,49 @@
-"""Resume means "continue this run": which checkpoint, whether it may be continued, what changed, the history.
+"""Resume means "continue this run": the one module that says which checkpoint, what may change, and how the
+run continues -- the loop only calls it (:func:`resolve_resume` before set-up, :func:`resume_run` once the
+objects exist, :func:`continue_in` and :func:`run_history` when the folder is written, :func:`restore_window`
+for the metrics window).
 
 * **Which checkpoint.** ``--resume auto`` takes the newest checkpoint of the run folder that verifies
   (:func:`~timm_local.training.checkpoint.verify_checkpoint`), warning about each newer one it skips;
   ``--resume PATH`` takes that checkpoint (or the newest of that run folder) and names the bad file if it
   does not verify. Nothing is overwritten without a resume: the guard covers every output of a run.
-* **Whether.** Weights of another model, method or class count are refused, as are changes the checkpoint's
-  optimizer state or data order cannot follow (:data:`~timm_local.config.FIXED_ON_RESUME`).
+* **What may change.** Weights of another model, method or class count are refused, as are changes the
+  checkpoint's optimizer state or data order cannot follow (:data:`~timm_local.config.FIXED_ON_RESUME`).
+  The checkpoint's configuration is read in the current run format (:mod:`.run_format`), so an older
+  checkpoint is compared like a new one.
 * **What changed** is applied, never only recorded: a changed schedule key restarts the schedule at the
-  current step (:func:`~timm_local.training.builders.restart_schedule`); the rest (evaluation, logging,
-  checkpoint cadence, data loading, engine) simply takes effect. ``config.yaml`` keeps the history.
+  current step (:func:`restart_schedule`); the rest (evaluation, logging, checkpoint cadence, data loading,
+  engine) simply takes effect.
+* **The run's own record.** Checkpoints newer than the one resumed, and a best-epoch file written after it,
+  belong to the continuation being replaced and are removed; the folder is migrated to the current run
+  format once; ``config.yaml`` keeps the history; the train-metric window continues where it stopped.
 """
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
+import torch
 
-from ..config import CONFIG_NAME, FIXED_ON_RESUME, TrainConfig, config_changes, is_resuming
+from ..config import CONFIG_NAME, FIXED_ON_RESUME, SCHEDULE_KEYS, TrainConfig, config_changes, is_resuming
 from ..errors import UserError
 from .checkpoint import (CHECKPOINT_DIR, CHECKPOINT_PREFIX, META_NAME, CheckpointError, UnsafePickleError,
                          checkpoint_folders, checkpoint_step, newest_verified, read_checkpoint_meta, remove_checkpoint,
                          verify_checkpoint)
-from .metrics import METRICS_NAME
-from .resolved import fill_resolved
+from .builders import Schedule, timm_scheduler
+from .metrics import METRICS_NAME, WINDOW_KEYS, TrainWindow
 from .restore import restore_checkpoint
 from .run import EXPORT_DIR
+from .run_format import current_meta, migrate, read_run_config
 from .state import TrainState
+from .weights import BEST_NAME, best_is_later
 
-__all__ = ["CheckpointMismatchError", "RUN_OUTPUTS", "check_compatible", "discard_newer_checkpoints",
-           "resolve_resume", "resume_state", "run_history", "run_meta", "run_outputs"]
+__all__ = ["CheckpointMismatchError", "RUN_OUTPUTS", "Resumed", "check_compatible", "continue_in",
+           "discard_newer_checkpoints", "resolve_resume", "restart_schedule", "restore_window", "resume_run",
+           "resume_state", "run_history", "run_meta", "run_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +150,6 @@ def run_meta(cfg: TrainConfig, lm: Any, data: Any, world: int) -> dict[str, Any]
     return {
         "model": cfg.model, "method": lm.method_name, "method_config": lm.method_config,
         "num_classes": data.num_classes, "in_chans": data.in_chans, "image_size": data.image_size,
-        "dataset": data.dataset, "batch_size": cfg.batch_size, "epochs": cfg.epochs, "lr": cfg.lr,
         "num_processes": world, "config": cfg.to_dict(),
     }
 
@@ -165,9 +176,7 @@ def check_compatible(meta: dict[str, Any], expected: dict[str, Any], checkpoint:
 
 def resume_changes(meta: dict[str, Any], cfg: TrainConfig, checkpoint: Path) -> dict[str, dict[str, Any]]:
     """What ``cfg`` changes of the configuration the checkpoint was trained with; refuses what cannot change."""
-    before = meta.get("config") or {k: meta[k] for k in ("batch_size", "epochs", "lr") if k in meta}
-    before = fill_resolved(before, meta.get("dataset"), meta.get("method_config") or {})
-    changes = config_changes(before, cfg)
+    changes = config_changes(current_meta(meta)["config"], cfg)
     refused = [k for k in FIXED_ON_RESUME if k in changes]
     precision = changes.get("mixed_precision")
     if precision and "fp16" in (precision["was"], precision["now"]):
@@ -220,17 +229,84 @@ def discard_newer_checkpoints(output_dir: Path, resume_from: Optional[Path]) -> 
             remove_checkpoint(folder)
 
 
-def run_history(output_dir: Path, cfg: TrainConfig, resume_from: Optional[Path], step: int,
-                changes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def run_history(output_dir: Path, cfg: TrainConfig, resumed: "Resumed", step: int) -> list[dict[str, Any]]:
     """``config.yaml``'s ``history``: how the run started, then each resume with the step and what it changed."""
     start = {"event": "start", "step": 0, "config": cfg.to_dict()}
-    if resume_from is None:
+    if resumed.checkpoint is None:
         return [start]
-    previous: list[dict[str, Any]] = []
-    for path in (output_dir / CONFIG_NAME, resume_from.parent.parent / CONFIG_NAME):
+    previous = [{"event": "start", "step": 0, "config": None}]  # a checkpoint whose run folder lost its config
+    for path in (output_dir / CONFIG_NAME, resumed.checkpoint.parent.parent / CONFIG_NAME):
         if path.is_file():
-            previous = (yaml.safe_load(path.read_text()) or {}).get("history") or []
+            previous = read_run_config(path)["history"]
             break
-    if not previous:  # a run written before the history was kept
-        previous = [{"event": "start", "step": 0, "config": None}]
-    return previous + [{"event": "resume", "step": step, "checkpoint": resume_from.name, "changed": changes}]
+    return previous + [{"event": "resume", "step": step, "checkpoint": resumed.checkpoint.name,
+                        "changed": resumed.changes}]
+
+
+# ------------------------------------------------------------------------------------------------
+# the run continues: schedule, EMA, best epoch, metrics window, run folder
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Resumed:
+    """What a resume found and did (a fresh run: no checkpoint, nothing changed)."""
+
+    checkpoint: Optional[Path] = None
+    changes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    later_best: bool = False  # the best-epoch file was written after the resumed step (removed by continue_in)
+
+
+def restart_schedule(cfg: TrainConfig, optimizer: Any, schedule: Schedule, step: int, steps_per_epoch: int) -> None:
+    """A resume that changes the schedule (``lr``, ``epochs``, ``sched``, ``min_lr``, warm-up): a fresh
+    ``cfg.sched`` schedule from ``cfg.lr`` at ``step`` to ``cfg.min_lr`` at the end of ``cfg.epochs``, without
+    warm-up -- what the flags say, applied from here on (the steps done keep the lr they were trained with)."""
+    remaining = cfg.epochs * steps_per_epoch - step
+    if remaining <= 0:
+        return
+    for group in optimizer.param_groups:  # timm takes the peak from initial_lr, which the checkpoint restored
+        group["lr"] = group["initial_lr"] = cfg.lr
+    schedule.scheduler = timm_scheduler(cfg, optimizer, steps_per_epoch, remaining / steps_per_epoch, 0.0)
+    schedule.start_step = step
+    schedule.step_update(step)
+    logger.warning("the learning-rate schedule restarts at step %d: %s from lr=%g to %g over the remaining %d steps",
+                   step, cfg.sched, cfg.lr, cfg.min_lr, remaining)
+
+
+def resume_run(accelerator: Any, checkpoint: Path, cfg: TrainConfig, meta: dict[str, Any], state: TrainState,
+               optimization: tuple[Any, Schedule], steps_per_epoch: int, ema: Any = None,
+               backbone: Optional[torch.nn.Module] = None) -> Resumed:
+    """Continue from ``checkpoint`` (every process): refuse what cannot continue, restore every state, restart
+    the schedule a changed key asks for, start an EMA the checkpoint lacks from the resumed ``backbone``, and
+    forget a best epoch chosen after the resumed step. The full model and optimizer are restored on every
+    process, so any engine, cut or pipeline width resumes any checkpoint."""
+    optimizer, schedule = optimization
+    changes = resume_state(accelerator, checkpoint, meta, cfg, state, steps_per_epoch)
+    if any(k in changes for k in SCHEDULE_KEYS):
+        restart_schedule(cfg, optimizer, schedule, state.global_step, steps_per_epoch)
+    if ema is not None and "ema" not in read_checkpoint_meta(checkpoint).get("states", []):
+        logger.warning("%s holds no EMA: the EMA starts from the resumed weights", checkpoint)
+        ema.module.load_state_dict(backbone.state_dict())
+    later_best = best_is_later(cfg.resolved_output_dir(), state)  # every process forgets it
+    accelerator.wait_for_everyone()  # before process 0 removes the file (continue_in)
+    return Resumed(checkpoint, changes, later_best)
+
+
+def restore_window(window: TrainWindow, saved: Optional[list[float]], accelerator: Any) -> None:
+    """The train-metric window of the checkpoint's loop position, so a run resumed between two rows logs the
+    rows an uninterrupted run logs. The saved sums are the totals over processes: the main process carries
+    them and the others start from zero, so the next row's all-reduce gives the same totals (bit-identical in
+    one process; with several, the float64 loss sums may be added in another order)."""
+    if saved is None:
+        return
+    totals = torch.tensor(saved, dtype=torch.float64, device=accelerator.device)
+    if not accelerator.is_main_process:
+        totals = torch.zeros_like(totals)
+    window.sums = dict(zip(WINDOW_KEYS, totals.view(len(WINDOW_KEYS), -1).unbind(0)))
+
+
+def continue_in(output_dir: Path, resumed: Resumed, trust_pickle: bool) -> None:
+    """The run folder made this continuation's (main process, once set-up has passed, before config.yaml is
+    written): newer checkpoints and a later best-epoch file removed, the folder in the current run format."""
+    discard_newer_checkpoints(output_dir, resumed.checkpoint)
+    migrate(output_dir, trust_pickle)  # lossless, once: the folder then holds the current run format
+    if resumed.later_best:
+        (output_dir / BEST_NAME).unlink()

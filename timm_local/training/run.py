@@ -18,15 +18,16 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
-import yaml
 
 from ..config import CONFIG_NAME, TrainConfig
 from ..data import DataConfig
 from ..export import export_backbone
+from ..format_version import FORMAT_VERSION, VERSION_KEY
 from ..version import __version__
 from .builders import build_backbone, build_local_model
 from .checkpoint import CHECKPOINT_DIR, load_model_state, newest_verified, verify_checkpoint
 from .metrics import read_metrics
+from .run_format import current_meta, read_run_config
 from .starting import architecture_only, weights_source
 from .state import TrainState
 
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 def _export_metadata(cfg: TrainConfig, data: DataConfig, state: TrainState, method_name: str,
                      method_config: dict[str, Any], which: Optional[str] = None) -> dict[str, Any]:
     return {
-        "method": method_name, "method_config": method_config, **method_config,
+        VERSION_KEY: FORMAT_VERSION, "method": method_name, "method_config": method_config,
         "dataset": data.dataset, "model": cfg.model, "image_size": data.image_size,
         "top1": state.last_top1, "best_top1": state.best_top1, "best_epoch": state.best_epoch,
         "epochs": state.epoch, "global_step": state.global_step, "batch_size": cfg.batch_size, "lr": cfg.lr,
@@ -80,13 +81,13 @@ def read_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] =
     config_path = run_dir / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run (no {CONFIG_NAME})")
-    resolved = yaml.safe_load(config_path.read_text())
+    resolved = read_run_config(config_path)
     ckpt, skipped = (Path(checkpoint), []) if checkpoint else newest_verified(run_dir, trust_pickle)
     for folder, why in skipped:
         logger.warning("skipping checkpoint %s: %s", folder, why)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint under {CHECKPOINT_DIR}/")
-    meta = verify_checkpoint(ckpt, trust_pickle)
+    meta = current_meta(verify_checkpoint(ckpt, trust_pickle))  # an older checkpoint read in today's shape
     field_names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in resolved.items() if k in field_names})
     rebuild = architecture_only(cfg)
