@@ -14,12 +14,9 @@ from safetensors.torch import load_file
 
 from timm_local.training import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 
-from launchers import torchrun  # noqa: E402
-from script_loader import load_module as _load  # noqa: E402
+from tests.helpers import load_module as _load, torchrun, train_tool
 
-train_tool = _load("_train_tool", ROOT / "tools" / "train.py")
 
 TINY = ["--image-size", "8", "--batch-size", "8", "--workers", "0", "--trackers", "none", "--lr", "0.05",
         "--log-every", "1", "--seed", "0", "--model", "resnet20_cifar", "--method", "auglocal"]
