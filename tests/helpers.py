@@ -26,10 +26,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 import timm_local
 from timm_local.engine import sequential_local_step
 from timm_local.engine.launch import free_port
+from timm_local.memory import PEAK_MEMORY_KEYS
 from timm_local.training.checkpoint import load_model_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +48,8 @@ def load_module(name: str, path: Path) -> ModuleType:
 
 
 train_tool = load_module("_train_tool", TRAIN)
+#: The version-1 run folder and its writer (tests/fixtures/make_resume_fixture.py, also run by hand).
+resume_fixture = load_module("_resume_fixture", ROOT / "tests" / "fixtures" / "make_resume_fixture.py")
 
 #: The tiny setting of every tools/train.py run in the tests: 8x8 pixels, batch 8, no workers, no trackers.
 TINY = ["--image-size", "8", "--batch-size", "8", "--workers", "0", "--trackers", "none", "--lr", "0.05",
@@ -86,6 +90,18 @@ def different_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
     if a.keys() != b.keys():
         return sorted(set(a) ^ set(b))
     return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def exported(run: Path) -> dict[str, torch.Tensor]:
+    """The exported backbone weights of a run folder."""
+    return load_file(str(run / "export" / "model.safetensors"))
+
+
+def comparable_rows(rows: list[dict]) -> list[dict]:
+    """The train and eval rows of metrics.jsonl without what is measured rather than computed (throughput,
+    time, resident memory): what a resumed run must reproduce exactly."""
+    measured = {"samples_per_s", "train_time_s", *PEAK_MEMORY_KEYS}
+    return [{k: v for k, v in r.items() if k not in measured} for r in rows if r["kind"] in ("train", "eval")]
 
 
 def error_lines(err: str) -> list[str]:

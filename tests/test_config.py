@@ -34,7 +34,7 @@ def test_there_is_a_recipe_for_every_paper_run_and_method():
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(CONFIGS).as_posix())
-def test_recipe_is_valid(path):
+def test_each_recipe_builds_with_the_papers_hyper_parameters(path):
     cfg = config_from_dict(load_yaml(path))
     assert timm.is_model(cfg.model), f"{cfg.model} is not in timm's registry"
     assert cfg.method in timm_local.list_methods()

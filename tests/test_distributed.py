@@ -37,14 +37,11 @@ from timm_local.training import latest_checkpoint, list_checkpoints, read_metric
 
 BIN = Path(sys.executable).parent
 
-from tests.helpers import ROOT, different_tensors, model_state, subprocess_env, train_tool
+from tests.helpers import PIPELINE, ROOT, TINY_RESNET, different_tensors, model_state, subprocess_env, train_tool
 
-TINY = ["--image-size", "8", "--batch-size", "8", "--workers", "0", "--trackers", "none", "--lr", "0.05",
-        "--log-every", "1", "--seed", "0", "--model", "resnet20_cifar", "--method", "auglocal"]
 #: What every two-node run trains: 2 epochs of 2 steps, BatchNorm on running statistics (--freeze-bn), so
 #: that a 2 x 4-image data-parallel update is comparable with the 8-image one of a single process.
 RECIPE = ["--epochs", "2", "--freeze-bn", "--checkpoint-every-steps", "1"]
-PIPELINE = ["--engine", "pipeline", "--pipeline-segments", "2", "--pipeline-cost", "macs"]
 
 
 #: The late-rank check: rank 0 waits LATE_TIMEOUT_S at a barrier that rank 1 reaches LATE_ARRIVAL_S late;
@@ -130,7 +127,7 @@ def test_more_processes_than_gpus_is_refused_with_the_launch_to_use():
 
 def test_collective_timeout_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="--collective-timeout must be a positive number of seconds, got 0"):
-        train_tool.main([*TINY, "--collective-timeout", "0", "--output-dir", str(tmp_path / "run")])
+        train_tool.main([*TINY_RESNET, "--collective-timeout", "0", "--output-dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 
 
@@ -141,7 +138,7 @@ def torchrun_node(port: int, log: Path, *args: str) -> subprocess.Popen:
     """One "node": a torchrun agent with one process, joining the c10d rendezvous at 127.0.0.1:port."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"test{port}",
-           str(ROOT / "tools" / "train.py"), *TINY, *args]
+           str(ROOT / "tools" / "train.py"), *TINY_RESNET, *args]
     return subprocess.Popen(cmd, env=subprocess_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -149,7 +146,7 @@ def accelerate_node(rank: int, port: int, log: Path, *args: str) -> subprocess.P
     """One "machine" of ``accelerate launch --num_machines 2`` (2 processes in all, one per machine)."""
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
            "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "tools" / "train.py"), *TINY, *args]
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "tools" / "train.py"), *TINY_RESNET, *args]
     return subprocess.Popen(cmd, env=subprocess_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -200,7 +197,7 @@ def final_state(run: Path) -> dict[str, torch.Tensor]:
 
 
 def initial_weights() -> dict[str, torch.Tensor]:
-    """The weights every TINY run starts from: the model built from seed 0, as tools/train.py builds it."""
+    """The weights every TINY_RESNET run starts from: the model built from seed 0, as tools/train.py builds it."""
     set_seed(0)
     return timm_local.create_local_model("resnet20_cifar", method="auglocal", num_classes=10,
                                          input_size=(3, 8, 8)).state_dict()
@@ -229,7 +226,7 @@ def two_node_dp(data_args, tmp_path_factory) -> tuple[Path, list[str]]:
 def one_process(data_args, tmp_path_factory) -> Path:
     """The reference: one process (this one) on the full 8-image batch, same recipe."""
     out = tmp_path_factory.mktemp("one") / "run"
-    assert train_tool.main([*TINY, *data_args, *RECIPE, "--output-dir", str(out)]) == 0
+    assert train_tool.main([*TINY_RESNET, *data_args, *RECIPE, "--output-dir", str(out)]) == 0
     return out
 
 
@@ -253,7 +250,7 @@ def test_data_parallel_over_two_nodes_equals_one_process_on_the_full_batch(two_n
 @pytest.mark.slow
 def test_pipeline_across_two_nodes_equals_the_sequential_engine_bitwise(data_args, tmp_path):
     seq, pipe = tmp_path / "seq", tmp_path / "pipe"
-    assert train_tool.main([*TINY, *data_args, *RECIPE, "--output-dir", str(seq)]) == 0
+    assert train_tool.main([*TINY_RESNET, *data_args, *RECIPE, "--output-dir", str(seq)]) == 0
     codes, logs, _ = two_nodes(pipe, *data_args, *RECIPE, *PIPELINE)
     assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     runtime = yaml.safe_load((pipe / "config.yaml").read_text())["runtime"]

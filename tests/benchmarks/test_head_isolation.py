@@ -40,7 +40,7 @@ def test_variant_heads_end_as_described():
     assert len(head.layers) == 1 and isinstance(head.norm, nn.BatchNorm1d)
 
 
-def test_tiny_run_writes_results(tmp_path):
+def test_a_tiny_run_writes_each_variants_json_and_table(tmp_path):
     write_mnist_idx(tmp_path / "data", n_train=40, n_test=10, size=8)
     iso.main(["--data-dir", str(tmp_path / "data"), "--train-subset", "20", "--epochs", "1", "--seeds", "0",
               "--batch-size", "10", "--image-size", "8", "--variants", "d4_paper", "d4_bn1d",

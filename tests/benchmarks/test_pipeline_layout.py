@@ -9,7 +9,7 @@ from tests.helpers import ROOT, load_module
 layout = load_module("_pipeline_layout", ROOT / "benchmarks" / "pipeline_layout.py")
 
 
-def test_layout_table_for_a_recipe(tmp_path):
+def test_layout_table_of_resnet32_has_the_mac_balanced_cuts_and_speedups(tmp_path):
     result = layout.main(["--config", "configs/cifar10/resnet32_cifar/auglocal_d3.yaml", "--segments", "1", "2", "4",
                           "--gpus", "8", "--out", str(tmp_path / "layout")])
     assert (result["model"], result["aux_depth"], result["batch_size"], result["local_blocks"]) == \

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from timm_local import data as tld
-from tests.helpers import CLASSES, write_cifar10, write_hf_disk, write_imagefolder, write_mnist_idx, write_parquet, write_stl10, write_svhn_mat
+from tests.helpers import (CLASSES, write_cifar10, write_hf_disk, write_imagefolder, write_mnist_idx, write_parquet,
+                           write_stl10, write_svhn_mat)
 
 
 
@@ -115,7 +116,7 @@ def test_grayscale_kept_single_channel_when_model_wants_one(tmp_path):
     assert cfg.pretrained_cfg()["input_size"] == (1, 28, 28)
 
 
-def test_paper_recipes():
+def test_dataset_recipes_use_the_papers_augmentation_and_statistics():
     from torchvision import transforms as T
 
     def kinds(tf):
@@ -181,7 +182,7 @@ def test_augmentation_touches_only_the_cpu_and_python_generators(tmp_path, monke
     assert not all(torch.equal(got[0], g) for g in got[1:])  # augmented: the samples differ
 
 
-def test_num_classes_checks(tmp_path):
+def test_a_given_class_count_is_kept_and_one_below_the_labels_is_refused(tmp_path):
     write_imagefolder(tmp_path, classes=3)
     _, _, cfg = tld.create_datasets(str(tmp_path), num_classes=5, image_size=16)
     assert cfg.num_classes == 5 and cfg.recipe == "generic" and cfg.image_size == 16

@@ -24,12 +24,13 @@ from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
 
 import det  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT
+
 
 
 def _cfg(*opts: object) -> CfgNode:
     cfg = det.add_timm_config(get_cfg())
-    cfg.merge_from_file(str(REPO / "configs" / "det" / "mask_rcnn_R34_FPN_1x.yaml"))
+    cfg.merge_from_file(str(ROOT / "configs" / "det" / "mask_rcnn_R34_FPN_1x.yaml"))
     cfg.merge_from_list([str(o) for o in opts])
     return cfg
 
@@ -200,9 +201,9 @@ def test_adamw_optimizer_groups() -> None:
 
 def test_bp_and_auglocal_recipes_differ_only_in_weights() -> None:
     bp = _cfg()
-    bp.merge_from_file(str(REPO / "configs/det/mask_rcnn_R34_FPN_1x_bp.yaml"))
+    bp.merge_from_file(str(ROOT / "configs/det/mask_rcnn_R34_FPN_1x_bp.yaml"))
     al = _cfg()
-    al.merge_from_file(str(REPO / "configs/det/mask_rcnn_R34_FPN_1x_auglocal.yaml"))
+    al.merge_from_file(str(ROOT / "configs/det/mask_rcnn_R34_FPN_1x_auglocal.yaml"))
 
     def flat(node, prefix=""):
         out = {}
@@ -237,7 +238,7 @@ def test_coco_json_dataset_registration(tiny_coco: tuple[Path, Path], tmp_path: 
         det.use_coco_json_datasets(det.add_timm_config(get_cfg()), test_json=str(ann))
 
 
-def test_ap_table_format(tmp_path: Path) -> None:
+def test_ap_table_is_written_as_markdown_and_json_naming_a_single_dataset(tmp_path: Path) -> None:
     results = {"val": {"bbox": {"AP": 36.3, "AP50": 58.0, "AP75": 39.1, "APs": 21.0, "APm": 39.5, "APl": math.nan},
                        "segm": {"AP": 33.8, "AP50": 55.0, "AP75": 35.9, "APs": 15.0, "APm": 36.0, "APl": 48.0}}}
     table = det.write_ap_table(results, tmp_path)
@@ -254,7 +255,7 @@ def test_ap_table_format(tmp_path: Path) -> None:
 def test_install_script_leaves_existing_detectron2_alone() -> None:
     """det/install_detectron2.sh is idempotent: an importable detectron2 is used as is."""
     proc = subprocess.run(
-        ["bash", str(REPO / "det" / "install_detectron2.sh"), sys.executable],  # as the Makefile calls it
+        ["bash", str(ROOT / "det" / "install_detectron2.sh"), sys.executable],  # as the Makefile calls it
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

@@ -22,13 +22,14 @@ from detectron2.modeling import build_backbone  # noqa: E402
 
 import det  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT
+
 
 
 def _cfg(name: str, out_indices: list[int], *opts: object) -> CfgNode:
     """The shipped FPN recipe with a CIFAR backbone, random init, plain BN, nothing frozen."""
     cfg = det.add_timm_config(get_cfg())
-    cfg.merge_from_file(str(REPO / "configs" / "det" / "mask_rcnn_R34_FPN_1x.yaml"))
+    cfg.merge_from_file(str(ROOT / "configs" / "det" / "mask_rcnn_R34_FPN_1x.yaml"))
     cfg.merge_from_list(["MODEL.TIMM.NAME", name, "MODEL.TIMM.NORM", "BN", "MODEL.TIMM.FREEZE_AT", "0",
                          "MODEL.FPN.OUT_CHANNELS", "32", *[str(o) for o in opts]])
     cfg.MODEL.TIMM.OUT_INDICES = out_indices
@@ -121,6 +122,6 @@ def test_importing_det_registers_the_cifar_models() -> None:
     """MODEL.TIMM.NAME can name a CIFAR model in a fresh process that imports only det (as tools/ do)."""
     code = "import det, timm; print(timm.create_model('resnet20_cifar', features_only=True).feature_info.reduction())"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+                          cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[1, 2, 4]"

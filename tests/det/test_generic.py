@@ -20,7 +20,8 @@ from detectron2.modeling import build_backbone  # noqa: E402
 import det  # noqa: E402
 import timm_local  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT
+
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def convnext_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_generic_cnn_backbone_features_equal_timm(convnext_run: Path) -> None:
     cfg = det.add_timm_config(get_cfg())
-    cfg.merge_from_file(str(REPO / "configs" / "det" / "mask_rcnn_R34_FPN_1x.yaml"))
+    cfg.merge_from_file(str(ROOT / "configs" / "det" / "mask_rcnn_R34_FPN_1x.yaml"))
     cfg.merge_from_list(["MODEL.TIMM.NAME", "convnext_atto", "MODEL.TIMM.WEIGHTS", str(convnext_run),
                          "MODEL.TIMM.OUT_INDICES", "[0, 1, 2, 3]", "MODEL.TIMM.NORM", "BN",
                          "MODEL.TIMM.FREEZE_AT", "0"])

@@ -6,10 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.helpers import subprocess_env
+from tests.helpers import ROOT, subprocess_env
 
-REPO = Path(__file__).resolve().parents[2]
-DET_TRAIN = REPO / "tools" / "det_train.py"
+DET_TRAIN = ROOT / "tools" / "det_train.py"
 
 
 def _run(args: list[str], cwd: Path, code: str | None = None, **env: str) -> subprocess.CompletedProcess:
@@ -35,7 +34,7 @@ def test_missing_detectron2_says_make_install_det(tmp_path: Path) -> None:
 
 def test_missing_coco_names_the_env_variable_and_the_flags(tmp_path: Path) -> None:
     pytest.importorskip("detectron2", reason="detectron2 is not installed: run `make install-det`")
-    proc = _run(["--config-file", str(REPO / "configs" / "det" / "mask_rcnn_R34_FPN_1x_auglocal.yaml")], tmp_path,
+    proc = _run(["--config-file", str(ROOT / "configs" / "det" / "mask_rcnn_R34_FPN_1x_auglocal.yaml")], tmp_path,
                 DETECTRON2_DATASETS=str(tmp_path / "nowhere"))
     assert proc.returncode == 2
     (line,) = _error_lines(proc)
@@ -46,7 +45,7 @@ def test_missing_coco_names_the_env_variable_and_the_flags(tmp_path: Path) -> No
 
 def test_missing_backbone_weights_is_one_line(tiny_coco: tuple[Path, Path], tmp_path: Path) -> None:
     ann, images = tiny_coco
-    proc = _run(["--config-file", str(REPO / "configs" / "det" / "mask_rcnn_R34_FPN_1x_auglocal.yaml"),
+    proc = _run(["--config-file", str(ROOT / "configs" / "det" / "mask_rcnn_R34_FPN_1x_auglocal.yaml"),
                  "--train-json", str(ann), "--train-images", str(images), "--test-json", str(ann),
                  "--test-images", str(images)], tmp_path)
     assert proc.returncode == 2
@@ -74,7 +73,7 @@ def test_weights_of_another_architecture_get_settings_that_work(tmp_path: Path) 
     assert "MODEL.FPN.IN_FEATURES to ['res0', 'res1', 'res2']" in message
     # following the advice builds the detection backbone from those weights
     cfg = det.add_timm_config(get_cfg())
-    cfg.merge_from_file(str(REPO / "configs" / "det" / "mask_rcnn_R34_FPN_1x.yaml"))
+    cfg.merge_from_file(str(ROOT / "configs" / "det" / "mask_rcnn_R34_FPN_1x.yaml"))
     cfg.merge_from_list(["MODEL.TIMM.NAME", "resnet20_cifar", "MODEL.TIMM.WEIGHTS", str(tmp_path / "export"),
                          "MODEL.TIMM.OUT_INDICES", "[1, 2, 3]", "MODEL.FPN.IN_FEATURES", "['res0', 'res1', 'res2']",
                          "MODEL.TIMM.FREEZE_AT", "0"])

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT
+
 pytest.importorskip("detectron2", reason="detectron2 is not installed: run `make install-det`")
 
-REPO = Path(__file__).resolve().parents[2]
 MAX_ITER = 8
 
 # Small heads and samples: the same architecture, a fraction of the CPU cost.
@@ -43,7 +44,7 @@ SMALL = [
 
 def _det_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "det_train.py"), *args],
+        [sys.executable, str(ROOT / "tools" / "det_train.py"), *args],
         cwd=cwd, capture_output=True, text=True, timeout=600,
         # one intra-op thread unless told otherwise: on a shared 2-core CI box, torch's default
         # (one thread per core) spins against other jobs and runs several times slower
@@ -59,11 +60,13 @@ def _ap(output_dir: Path) -> dict:
     return results["timm_det_test"]
 
 
-def test_train_then_eval_only(resnet34_run: Path, tiny_coco: tuple[Path, Path], tmp_path: Path) -> None:
+def test_training_lowers_the_loss_and_eval_only_reports_ap_of_the_saved_model(resnet34_run: Path,
+                                                                              tiny_coco: tuple[Path, Path],
+                                                                              tmp_path: Path) -> None:
     ann, images = tiny_coco
     data = ["--train-json", str(ann), "--train-images", str(images),
             "--test-json", str(ann), "--test-images", str(images)]
-    config = ["--config-file", str(REPO / "configs" / "det" / "mask_rcnn_R34_FPN_1x.yaml")]
+    config = ["--config-file", str(ROOT / "configs" / "det" / "mask_rcnn_R34_FPN_1x.yaml")]
     train_dir, eval_dir = tmp_path / "train", tmp_path / "eval"
 
     # run from a foreign working directory: nothing may depend on the caller's cwd
@@ -112,7 +115,7 @@ def test_detector_learns_the_tiny_dataset(resnet34_run: Path, tiny_coco: tuple[P
     """Slow: enough iterations for the detector to actually find the shapes it was trained on."""
     ann, images = tiny_coco
     out = tmp_path / "learn"
-    _det_train("--config-file", str(REPO / "configs" / "det" / "mask_rcnn_R34_FPN_1x.yaml"),
+    _det_train("--config-file", str(ROOT / "configs" / "det" / "mask_rcnn_R34_FPN_1x.yaml"),
                "--train-json", str(ann), "--train-images", str(images),
                "--test-json", str(ann), "--test-images", str(images),
                "MODEL.TIMM.WEIGHTS", str(resnet34_run), *SMALL, "SOLVER.MAX_ITER", "60",

@@ -1,4 +1,4 @@
-"""The pipelined engine equals the sequential one, step for step (issue 7).
+"""The pipelined engine equals the sequential one, step for step.
 
 Real torch.distributed (gloo, 127.0.0.1, free ports) with processes spawned by
 ``timm_local.engine.launch_local``; the references run the sequential engine in this process

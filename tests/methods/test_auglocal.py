@@ -27,7 +27,7 @@ def test_tau_zero_disables_pyramid_and_tau_one_reaches_one() -> None:
     assert depths[0] == 4 and depths[-1] == 1 and depths == sorted(depths, reverse=True)
 
 
-def test_uniform_selection() -> None:
+def test_uniform_selection_spreads_the_copies_up_to_the_last_block() -> None:
     assert uniform_selection(0, 3, 55) == (18, 36, 54)
     assert uniform_selection(52, 3, 55) == (53, 54)  # fewer blocks left than D: take them all
     assert uniform_selection(10, 1, 55) == (54,)
@@ -177,6 +177,6 @@ def test_bad_hyperparameters_are_clear_errors(kwargs, match) -> None:
         timm_local.create_local_model("resnet32_cifar", num_classes=10, **kwargs)
 
 
-def test_unknown_model_error() -> None:
+def test_an_unknown_model_name_is_refused_listing_known_ones() -> None:
     with pytest.raises(ValueError, match="unknown model 'resnet_nope'.*resnet110_cifar"):
         timm_local.create_local_model("resnet_nope")

@@ -22,7 +22,7 @@ def test_parameter_counts_match_literature(name: str, millions: float, tolerance
 
 
 @pytest.mark.parametrize("name", ["resnet20_cifar", "vgg19_cifar"])
-def test_timm_interface(name: str) -> None:
+def test_cifar_models_have_timms_features_head_and_classifier_interface(name: str) -> None:
     model = timm.create_model(name, num_classes=7).eval()
     x = torch.randn(2, 3, 32, 32)
     features = model.forward_features(x)

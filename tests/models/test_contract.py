@@ -222,7 +222,7 @@ def test_fx_trace_and_torchscript(name: str) -> None:
     x = _input(model)
     traced = torch.fx.symbolic_trace(model)
     scripted = torch.jit.script(model)
-    scripted_trace = torch.jit.script(traced)  # the string-annotation failure of issue 17
+    scripted_trace = torch.jit.script(traced)  # scripting reads the traced code's string annotations
     with torch.no_grad():
         expected = model(x)
         for other in (traced, scripted, scripted_trace):

@@ -196,7 +196,7 @@ CHEAP = [c for c in COMMANDS if "--help" in c.tokens or
 
 
 @pytest.mark.parametrize("command", CHEAP, ids=lambda c: c.where)
-def test_cheap_commands_run(command: Command, capsys: pytest.CaptureFixture) -> None:
+def test_cheap_doc_commands_exit_zero_and_print(command: Command, capsys: pytest.CaptureFixture) -> None:
     _, _, script, after = _split(command.tokens)
     module = load_module(f"_run_{Path(script).stem}", ROOT / script)
     try:

@@ -1,4 +1,4 @@
-"""Bad input is found before anything is written and reported in one line (issue 14, cases 7, 8, 9 and 11).
+"""Bad input is found before anything is written and reported in one line.
 
 Every user error of tools/train.py is one line on stderr and exit code 2, with no output folder left behind;
 fp16 without a GPU is refused (it would silently train fp32); the overwrite guard covers every output of a

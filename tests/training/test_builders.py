@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from timm_local.training import read_metrics
 
-from tests.helpers import torchrun, train
+from tests.helpers import PIPELINE, TINY, exported, torchrun, train
 
 TINY_CIFAR = ["--model", "resnet20_cifar", "--method", "auglocal", "--epochs", "2", "--freeze-bn"]
 
@@ -31,10 +30,6 @@ def test_precision_from_accelerate_unless_a_flag_says_otherwise(flags, expected,
     assert train(*flags, "--max-steps", 1, "--output-dir", out) == 0
     saved = saved_config(out)
     assert saved["mixed_precision"] == saved["runtime"]["mixed_precision"] == expected
-
-
-def exported(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "export" / "model.safetensors"))
 
 
 def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -84,10 +79,8 @@ def test_accumulation_that_does_not_divide_the_batch_is_refused(tmp_path, capsys
 def test_pipeline_accumulation_equals_one_larger_batch(cifar, one_batch, tmp_path):
     """Two pipeline segments in two processes, 2 micro-batches per step: the sequential weights of steps on 16."""
     out = tmp_path / "run"
-    proc = torchrun(2, ["--image-size", "8", "--workers", "0", "--trackers", "none", "--lr", "0.05", "--seed", "0",
-                        "--log-every", "1", "--dataset", "cifar10", "--data-dir", cifar, *TINY_CIFAR,
-                        "--batch-size", 16, "--grad-accum-steps", 2, "--engine", "pipeline",
-                        "--pipeline-segments", 2, "--pipeline-cost", "macs", "--output-dir", out])
+    proc = torchrun(2, [*TINY, "--dataset", "cifar10", "--data-dir", cifar, *TINY_CIFAR, "--batch-size", 16,
+                        "--grad-accum-steps", 2, *PIPELINE, "--output-dir", out])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert saved_config(out)["grad_accum_steps"] == 2
     assert_close_weights(exported(out), exported(one_batch))

@@ -1,4 +1,4 @@
-"""Checkpoints that are corrupt, stale or half-deleted never poison a resume (issue 14, cases 3-6).
+"""Checkpoints that are corrupt, stale or half-deleted never poison a resume.
 
 Every file of a checkpoint is verified before it is loaded (a manifest of sizes and SHA-256 written with
 it): ``--resume auto`` falls back to the newest checkpoint that verifies, with a warning naming the one it
@@ -14,22 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DROPOUT, different_tensors, error_lines, model_state, train, trained
+from tests.helpers import DROPOUT, different_tensors, error_lines, model_state, train
 from timm_local.training import CHECKPOINT_DIR, latest_checkpoint, list_checkpoints, read_checkpoint_meta
 
+#: the lengths of the ``straight`` and ``stopped`` runs (tests/training/conftest.py)
 STOP, FINAL = 3, 5
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> Path:
-    """FINAL steps with dropout (which draws from the RNG) and a checkpoint after every step: the reference."""
-    return trained(tmp_path_factory, "straight", *DROPOUT, "--max-steps", FINAL)
-
-
-@pytest.fixture(scope="module")
-def stopped(tmp_path_factory) -> Path:
-    """The same run stopped after STOP steps (checkpoints step_1 .. step_STOP)."""
-    return trained(tmp_path_factory, "stopped", *DROPOUT, "--max-steps", STOP)
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:

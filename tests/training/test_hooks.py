@@ -16,7 +16,7 @@ from timm_local.export import read_export_metadata
 from timm_local.training import list_checkpoints, read_metrics
 from timm_local.training.checkpoint import load_model_state
 
-from tests.helpers import train
+from tests.helpers import exported, train
 
 
 def cifar_flags(cifar: Path) -> list:
@@ -24,10 +24,6 @@ def cifar_flags(cifar: Path) -> list:
 
 
 EMA = ["--model-ema", "--model-ema-decay", "0.5", "--export-weights", "ema", "--epochs", "2"]
-
-
-def exported(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "export" / "model.safetensors"))
 
 
 def checkpoint_backbone(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -21,9 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, load_module, train_tool
+from timm_local.training.checkpoint import load_model_state
 
-fixture = load_module("_resume_fixture", ROOT / "tests" / "fixtures" / "make_resume_fixture.py")
+from tests.helpers import resume_fixture as fixture, train_tool
+
 
 #: Float rounding over two steps on 8x8 digits: measured here at under a tenth of this bound, while one lost
 #: step breaks it by a factor of ~10^4.
@@ -37,17 +38,16 @@ def _latest(run: Path) -> Path:
 @pytest.fixture(scope="module")
 def same_arithmetic_as_writer(tmp_path_factory: pytest.TempPathFactory) -> bool:
     """Whether today's code on this machine reproduces the writer's stopped checkpoint bit for bit."""
-    from timm_local.training.checkpoint import load_state
-
     run = tmp_path_factory.mktemp("straight") / "run"
     assert train_tool.main([*fixture.FLAGS, "--max-steps", str(fixture.STOP_STEP), "--output-dir", str(run)]) == 0
-    ours = load_state(_latest(run), "model")
-    theirs = torch.load(_latest(fixture.FIXTURE) / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=True)
+    ours = load_model_state(_latest(run))
+    theirs = load_model_state(_latest(fixture.FIXTURE))  # the project's reader of the pickle-era format
     assert ours.keys() == theirs.keys()
     return all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
-def test_earlier_checkpoint_resumes_exactly(tmp_path: Path, same_arithmetic_as_writer: bool) -> None:
+def test_a_checkpoint_of_the_pickle_era_format_resumes_to_the_writers_weights(tmp_path: Path,
+                                                                             same_arithmetic_as_writer: bool) -> None:
     run = tmp_path / "run"
     shutil.copytree(fixture.FIXTURE, run, ignore=shutil.ignore_patterns("expected_final.safetensors"))
     assert train_tool.main([*fixture.FLAGS, "--resume", "auto", "--max-steps", str(fixture.FINAL_STEP),

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DIGITS, ROOT, TRAIN, different_tensors, error_lines, load_module, model_state, resume, subprocess_env, train, trained
+from tests.helpers import (DIGITS, ROOT, TRAIN, different_tensors, error_lines, load_module, model_state, resume,
+                           subprocess_env, train, trained)
 from timm_local.memory import PEAK_MEMORY_KEYS
 from timm_local.training import CHECKPOINT_DIR, latest_checkpoint, list_checkpoints, read_metrics, verify_checkpoint
 from timm_local.training.checkpoint import checkpoint_step, load_state, newest_verified

@@ -1,4 +1,4 @@
-"""Resume means "continue this run" (issue 14, cases 1, 2 and 10).
+"""Resume means "continue this run".
 
 * A non-finite stop names a checkpoint that is finite and resumes with a lower lr.
 * A changed --lr on resume really applies (the schedule restarts at the current step) and config.yaml keeps
@@ -18,8 +18,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import different_tensors, error_lines, model_state, resume, train, train_tool
-from timm_local.memory import PEAK_MEMORY_KEYS
+from tests.helpers import comparable_rows, different_tensors, error_lines, model_state, resume, train, train_tool
 from timm_local.training import CHECKPOINT_DIR, latest_checkpoint, list_checkpoints, read_metrics
 from timm_local.training.checkpoint import load_state
 
@@ -105,12 +104,6 @@ checkpoint_every_steps: 2
 """
 
 
-def _comparable(rows: list[dict]) -> list[dict]:
-    """The rows without what is measured rather than computed (throughput, resident memory)."""
-    measured = {"samples_per_s", *PEAK_MEMORY_KEYS}
-    return [{k: v for k, v in r.items() if k not in measured} for r in rows if r["kind"] in ("train", "eval")]
-
-
 def test_resume_without_flags_continues_the_run_from_its_own_config(tmp_path):
     """The README's resume command after a recipe run: no --config, no other flag. It used to continue with the
     defaults (10 epochs, batch 128) and overwrite config.yaml with them. The stop falls between two train rows
@@ -125,8 +118,8 @@ def test_resume_without_flags_continues_the_run_from_its_own_config(tmp_path):
     assert (saved["epochs"], saved["batch_size"], saved["max_steps"]) == (1, 64, None)
     assert saved["runtime"]["steps_per_epoch"] == 22 and latest_checkpoint(out).name == "step_00000022"
     assert not different_tensors(model_state(latest_checkpoint(reference)), model_state(latest_checkpoint(out)))
-    rows = [r for r in _comparable(read_metrics(out)) if not (r["kind"] == "eval" and r["step"] == 6)]
-    assert rows == _comparable(read_metrics(reference))
+    rows = [r for r in comparable_rows(read_metrics(out)) if not (r["kind"] == "eval" and r["step"] == 6)]
+    assert rows == comparable_rows(read_metrics(reference))
 
 
 def test_a_finished_run_resumed_again_changes_nothing(tmp_path):

@@ -1,4 +1,4 @@
-"""Both engines run the one training loop: the same evaluation, export, resume and NaN stop.
+"""Both engines run the one training loop through tools/train.py: the same evaluation, export, resume and NaN stop.
 
 Parametrised over ``--engine``: ``sequential`` in this process, ``pipeline`` as W=2 segments in two
 processes under torchrun. The reference is an uninterrupted sequential run of the same config. Tiny on
@@ -14,20 +14,17 @@ from typing import Sequence
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file
+import yaml
 
 import timm_local  # noqa: F401  (our architectures in timm's registry)
 from timm_local.export import read_export_metadata
 from timm_local.training import list_checkpoints, read_metrics
 from timm_local.training.checkpoint import load_model_state
 
-from tests.helpers import torchrun, train_tool
+from tests.helpers import PIPELINE, TINY_RESNET, exported, torchrun, train_tool
 
-
-TINY = ["--image-size", "8", "--batch-size", "8", "--workers", "0", "--trackers", "none", "--lr", "0.05",
-        "--log-every", "1", "--seed", "0", "--model", "resnet20_cifar", "--method", "auglocal", "--epochs", "2"]
-ENGINE_FLAGS = {"sequential": [], "pipeline": ["--engine", "pipeline", "--pipeline-segments", "2",
-                                               "--pipeline-cost", "macs"]}
+TINY = [*TINY_RESNET, "--epochs", "2"]
+ENGINE_FLAGS = {"sequential": [], "pipeline": PIPELINE}
 
 
 def launch(engine: str, args: Sequence[object], capsys: pytest.CaptureFixture) -> tuple[int, str]:
@@ -70,10 +67,6 @@ def stopped(engine: str, cifar: Path, tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
-def exported(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "export" / "model.safetensors"))
-
-
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
@@ -84,7 +77,18 @@ def test_evaluation_and_export_equal_the_reference(engine, cifar, reference, tmp
     out = tmp_path / "run"
     rc, err = launch(engine, [*data_flags(cifar), "--output-dir", out], capsys)
     assert rc == 0, err[-3000:]
-    evals, ref_evals = ([r for r in read_metrics(d) if r["kind"] == "eval"] for d in (out, reference))
+    runtime = yaml.safe_load((out / "config.yaml").read_text())["runtime"]
+    assert runtime["num_processes"] == (2 if engine == "pipeline" else 1)
+    if engine == "pipeline":
+        assert runtime["pipeline"]["segments"] == 2
+    rows, ref_rows = read_metrics(out), read_metrics(reference)
+    train_rows, ref_train = ([r for r in d if r["kind"] == "train"] for d in (rows, ref_rows))
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    for r, s in zip(train_rows, ref_train):
+        assert len(r["local_losses"]) == len(s["local_losses"])
+        assert r["local_losses"] == pytest.approx(s["local_losses"], rel=1e-3, abs=1e-4)
+        assert r["train_top1"] == pytest.approx(s["train_top1"])
+    evals, ref_evals = ([r for r in d if r["kind"] == "eval"] for d in (rows, ref_rows))
     assert [r["step"] for r in evals] == [2, 4]
     assert [(r["top1"], r["head_top1"]) for r in evals] == [(r["top1"], r["head_top1"]) for r in ref_evals]
     assert_same_weights(exported(out), exported(reference))
@@ -122,3 +126,8 @@ def test_non_finite_loss_stops_before_the_step(engine, cifar, stopped, tmp_path,
     last = read_metrics(out)[-1]
     assert last["kind"] == "error" and last["step"] == 3 and "Non-finite loss" in last["error"]
 
+
+def test_the_pipeline_engine_refuses_a_single_process(cifar, tmp_path):
+    with pytest.raises(ValueError, match="single process"):
+        train_tool.main([*TINY, *data_flags(cifar), "--engine", "pipeline", "--pipeline-segments", "2",
+                         "--output-dir", str(tmp_path / "run")])

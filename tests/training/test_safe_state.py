@@ -10,23 +10,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.helpers import DROPOUT, ROOT, different_tensors, error_lines, model_state, resume, trained
+from tests.helpers import different_tensors, error_lines, model_state, resume, resume_fixture
 from timm_local.training import CHECKPOINT_DIR, latest_checkpoint, read_checkpoint_meta, verify_checkpoint
 from timm_local.training.checkpoint import load_state, manifest
 from timm_local.training.safe_state import load_state_file, restore_rng
 
-FIXTURE = ROOT / "tests" / "fixtures" / "resume_from_earlier_version"
+#: the lengths of the ``straight`` and ``stopped`` runs (tests/training/conftest.py)
 STOP, FINAL = 2, 4
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> Path:
-    return trained(tmp_path_factory, "straight", *DROPOUT, "--max-steps", FINAL)
-
-
-@pytest.fixture(scope="module")
-def stopped(tmp_path_factory) -> Path:
-    return trained(tmp_path_factory, "stopped", *DROPOUT, "--max-steps", STOP)
 
 
 def test_no_file_of_a_checkpoint_is_a_pickle(stopped):
@@ -102,7 +92,7 @@ class RunsCode:
 @pytest.mark.parametrize("manifest_too", [False, True])
 def test_a_pickle_that_runs_code_is_refused_before_it_runs(manifest_too, tmp_path, capsys):
     out, marker = tmp_path / "run", tmp_path / "marker"
-    shutil.copytree(FIXTURE, out, ignore=shutil.ignore_patterns("expected_final.safetensors"))
+    shutil.copytree(resume_fixture.FIXTURE, out, ignore=shutil.ignore_patterns("expected_final.safetensors"))
     ckpt = out / CHECKPOINT_DIR / "step_00000002"
     torch.save({"t_initial": RunsCode(marker)}, ckpt / "custom_checkpoint_1.pkl")
     if manifest_too:  # a folder whose manifest was written for the hostile file: the hashes match
