@@ -1,17 +1,14 @@
-"""MAN and HPFF (methods/man.py, methods/hpff.py) against their official CIFAR code (JunhaoSu0/MAN,
-networks/resnetInfoPro_MAN.py; Zeudfish/HPFF, network/resnetInfoPro_HPFF.py and network/auxiliary_net.py)."""
+"""MAN and MAN++ (methods/man.py) against their official CIFAR code (JunhaoSu0/MAN, networks/resnetInfoPro_MAN.py
+and resnetInfoPro_MANPP.py); what MAN and HPFF share (a resume carries their extra state) for both."""
 from __future__ import annotations
 
 import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import timm_local
-from timm_local.cost import count_macs, peak_step_memory
-from tests.helpers import stages_reached
-from timm_local.methods.hpff import PatchDecoder
+from timm_local.cost import count_macs
 from timm_local.engine.ownership import refuse_cross_segment_reads
 
 # Official parameter counts of one MAN head (LB + EMA copies of the next block, Decoder and the '1c2f'
@@ -125,58 +122,6 @@ def test_pipeline_refuses_a_cut_between_a_head_and_the_block_it_follows() -> Non
         refuse_cross_segment_reads(model, [range(0, 1), range(1, 3)])
 
 
-# HPFF's official head (auxiliary_net.py with InfoPro's published 1c2f cross-entropy classifier, 10 classes) on
-# a module ending at width C: net_classifier(C) + aux_classifier(C) + the patch Decoder(C) of four InfoPro
-# decoders: 2 * 10,186 + 4 * 2,091 (C = 16); 2 * 28,170 + 4 * 3,819 (32); 2 * 46,602 + 4 * 7,275 (64).
-HPFF16, HPFF32, HPFF64 = 2 * 10186 + 4 * 2091, 2 * 28170 + 4 * 3819, 2 * 46602 + 4 * 7275
-
-
-@pytest.mark.parametrize("model, k, expected", [
-    ("resnet32_cifar", 4, [HPFF32, HPFF64]),                   # modules 1, 2 end at layer2.1, layer3.0
-    ("resnet32_cifar", 8, [HPFF16, HPFF16, HPFF32, HPFF32, HPFF64, HPFF64]),
-    ("resnet110_cifar", 4, [HPFF32, HPFF64]),                  # layer2.7, layer3.3
-])
-def test_hpff_head_parameters_equal_the_official_heads(model: str, k: int, expected: list[int]) -> None:
-    lm = timm_local.create_local_model(model, "hpff", method_kwargs=dict(local_modules=k))
-    assert [sum(p.numel() for p in h.parameters()) for h in lm.heads] == expected
-    assert [s.has_loss for s in lm.stages] == [False] + [True] * (k - 1)
-    assert [s.cascade for s in lm.stages] == [None] + [(0.001, 0.999)] * (k - 1)
-
-
-def test_hpff_cascade_reaches_exactly_one_module_back() -> None:
-    model = _model(method="hpff").train()
-    reached = stages_reached(model, *_batch(0))
-    assert reached == [{0, 1}, {1, 2}, {2, 3}]  # stage 0 has no loss: trained only by stage 1's cascade
-    out = model.local_step(*_batch(1))
-    assert float(out.losses[0]) == 0.0 and all(float(v) > 0 for v in out.losses[1:])
-
-
-def test_patch_decoder_reconstructs_each_quadrant_with_its_own_decoder() -> None:
-    torch.manual_seed(0)
-    decoder = PatchDecoder(8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    features, image = torch.randn(2, 8, 4, 4), torch.randn(2, 3, 16, 16)
-    expected = 0.0
-    for i, (rows, cols) in enumerate([(slice(0, 2), slice(0, 2)), (slice(0, 2), slice(2, 4)),
-                                      (slice(2, 4), slice(0, 2)), (slice(2, 4), slice(2, 4))]):
-        quad = features[:, :, rows, cols]
-        image_quad = image[:, :, rows.start * 4:rows.stop * 4, cols.start * 4:cols.stop * 4]
-        up = F.interpolate(quad, size=(8, 8), mode="bilinear", align_corners=True)
-        target = (image_quad * 0.25 + 0.5).clamp(0, 1)
-        expected = expected + F.binary_cross_entropy_with_logits(decoder.decoders[i].decoder(up), target)
-    assert torch.allclose(decoder.loss(features, image), expected)
-
-
-def test_hpff_cascade_costs_memory_and_macs_beyond_infopro() -> None:
-    """The cascade keeps two modules' graphs alive and runs each middle module three times."""
-    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
-    costs = {}
-    for method in ("infopro", "hpff"):
-        torch.manual_seed(0)
-        model = timm_local.create_local_model("resnet32_cifar", method, method_kwargs=dict(local_modules=4))
-        costs[method] = peak_step_memory(model, x, y)["peak_memory_bytes"]
-    assert costs["hpff"] > costs["infopro"]
-
-
 def test_man_pp_mixes_its_copies_with_a_learnable_scalar_and_adds_a_stem_head() -> None:
     """MAN++ (resnetInfoPro_MANPP.py): each head is MAN's plus one scalar s (init 1); the stem is its own module
     whose head copies layer1[0] (LB_first, EMA_first, Decoder(16), AuxClassifier(16))."""
@@ -196,11 +141,6 @@ def test_man_pp_mixes_its_copies_with_a_learnable_scalar_and_adds_a_stem_head() 
     assert all(p.grad is None for h in lm.heads for p in h.ema.parameters())
 
 
-def test_pipeline_refuses_cascade_stages() -> None:
-    with pytest.raises(ValueError, match="hpff's local stage 1 reaches back into stage 0.*--engine sequential"):
-        refuse_cross_segment_reads(_model(method="hpff"), [range(0, 4)])
-
-
 @pytest.mark.parametrize("method", ["man", "hpff"])
 def test_a_training_run_resumed_from_its_checkpoint_ends_bitwise_as_the_uninterrupted_one(method: str, tmp_path) -> None:
     """tools/train.py end to end: the checkpoint carries the momentum copies / cascade heads, and the run that
@@ -215,13 +155,6 @@ def test_a_training_run_resumed_from_its_checkpoint_ends_bitwise_as_the_uninterr
     straight, resumed = (model_state(latest_checkpoint(tmp_path / name)) for name in ("straight", "stopped"))
     assert any(".ema." in k for k in straight) if method == "man" else any("cascade_classifier" in k for k in straight)
     assert not different_tensors(straight, resumed)
-
-
-def test_quadrants_of_a_one_pixel_side_take_the_whole_side() -> None:
-    from timm_local.methods.hpff import quadrants
-
-    t = torch.arange(6.0).view(1, 1, 1, 6)
-    assert [q.flatten().tolist() for q in quadrants(t)] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]] * 2
 
 
 def test_an_undone_step_puts_the_momentum_copies_back() -> None:
