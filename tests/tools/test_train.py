@@ -24,11 +24,8 @@ from timm_local.training import (CHECKPOINT_DIR, TMP_PREFIX, latest_checkpoint, 
                                  read_checkpoint_meta, read_metrics)
 from timm_local.training.checkpoint import load_state
 
-from tests.helpers import (ROOT, TINY, comparable_rows, load_module, model_state, subprocess_env, train_tool,
+from tests.helpers import (ROOT, TINY, comparable_rows, model_state, subprocess_env, train_tool,
                            write_hf_disk, write_imagefolder, write_mnist_idx)
-
-plot_tool = load_module("_plot_tool", ROOT / "tools" / "plot.py")
-
 
 def run_train(*args: str) -> int:
     return train_tool.main([*TINY, *map(str, args)])
@@ -120,35 +117,17 @@ def test_bf16_autocast_and_loader_workers(datasets_root, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # resume
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def straight_run(datasets_root, tmp_path_factory) -> Path:
-    """2 epochs (4 steps) without interruption: the reference."""
-    out = tmp_path_factory.mktemp("straight") / "run"
-    assert run_train("--dataset", "cifar10", "--data-dir", datasets_root / "cifar", "--epochs", "2",
-                     "--output-dir", out) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def stopped_run(datasets_root, tmp_path_factory) -> Path:
-    """The same run stopped after epoch 1 (as a kill after the epoch's checkpoint would leave it)."""
-    out = tmp_path_factory.mktemp("stopped") / "run"
-    assert run_train("--dataset", "cifar10", "--data-dir", datasets_root / "cifar", "--epochs", "2",
-                     "--max-steps", "2", "--output-dir", out) == 0
-    return out
-
-
 @pytest.mark.parametrize("stop_at", [2, 3], ids=["epoch_boundary", "mid_epoch"])
-def test_resume_gives_identical_weights(stop_at, straight_run, stopped_run, datasets_root, tmp_path):
+def test_resume_gives_identical_weights(stop_at, straight_run, stopped_run, cifar, tmp_path):
     if stop_at == 2:
         out = tmp_path / "run"
         shutil.copytree(stopped_run, out)
     else:
         out = tmp_path / "run"
-        assert run_train("--dataset", "cifar10", "--data-dir", datasets_root / "cifar", "--epochs", "2",
+        assert run_train("--dataset", "cifar10", "--data-dir", cifar, "--epochs", "2",
                          "--max-steps", str(stop_at), "--output-dir", out) == 0
     assert latest_checkpoint(out).name == f"step_{stop_at:08d}"
-    assert run_train("--dataset", "cifar10", "--data-dir", datasets_root / "cifar", "--epochs", "2",
+    assert run_train("--dataset", "cifar10", "--data-dir", cifar, "--epochs", "2",
                      "--output-dir", out, "--resume", "auto") == 0
     a, b = model_state(latest_checkpoint(straight_run)), model_state(latest_checkpoint(out))
     assert a.keys() == b.keys()
@@ -163,17 +142,17 @@ def test_resume_gives_identical_weights(stop_at, straight_run, stopped_run, data
     assert ra == rb
 
 
-def test_resume_refuses_other_method_and_existing_output(stopped_run, datasets_root, tmp_path, capsys):
+def test_resume_refuses_other_method_and_existing_output(stopped_run, cifar, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(stopped_run, out)
-    rc = run_train("--dataset", "cifar10", "--data-dir", datasets_root / "cifar", "--epochs", "2",
+    rc = run_train("--dataset", "cifar10", "--data-dir", cifar, "--epochs", "2",
                    "--output-dir", out, "--resume", "auto", "--method", "bp")
     err = capsys.readouterr().err
     assert rc == 2 and "Refusing to resume" in err and "method: checkpoint has 'auglocal'" in err
-    rc = run_train("--dataset", "cifar10", "--data-dir", datasets_root / "cifar", "--epochs", "2",
+    rc = run_train("--dataset", "cifar10", "--data-dir", cifar, "--epochs", "2",
                    "--output-dir", out, "--resume", "auto", "--aux-depth", "2")
     assert rc == 2 and "method_config" in capsys.readouterr().err
-    rc = run_train("--dataset", "cifar10", "--data-dir", datasets_root / "cifar", "--output-dir", out)
+    rc = run_train("--dataset", "cifar10", "--data-dir", cifar, "--output-dir", out)
     assert rc == 2 and "--resume auto" in capsys.readouterr().err
 
 
@@ -208,35 +187,16 @@ def test_console_says_the_data_d_and_tau_used_and_one_line_per_epoch(tmp_path, c
     assert [r["epoch"] for r in read_metrics(out) if r["kind"] == "eval"] == [1, 2, 3]
 
 
-def test_the_plot_tool_draws_two_runs_into_one_png(straight_run, stopped_run, tmp_path):
-    out = tmp_path / "curves.png"
-    assert plot_tool.main([str(straight_run), str(stopped_run), "--out", str(out)]) == 0
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
-
-
-def test_plot_tool_writes_beside_the_first_run_not_into_the_working_directory(straight_run, tmp_path, monkeypatch,
-                                                                               capsys):
-    run = tmp_path / "run"
-    shutil.copytree(straight_run, run)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
-    assert plot_tool.main([str(run)]) == 0
-    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert list(elsewhere.iterdir()) == []
-    assert f"wrote {run / 'curves.png'}" in capsys.readouterr().out
-
-
 # ------------------------------------------------------------------------------------------------
 # multi-process data parallel
 # ------------------------------------------------------------------------------------------------
-def test_two_processes_on_half_batches_equal_one_process(datasets_root, tmp_path):
+def test_two_processes_on_half_batches_equal_one_process(cifar, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo), 4 images each, == 1 process on the 8-image batch.
 
     BatchNorm runs on running statistics (--freeze-bn): with batch statistics, 4-image and 8-image
     batches normalise differently, which DDP does not hide either (only SyncBN would, and it is GPU-only).
     """
-    common = [*TINY, "--dataset", "cifar10", "--data-dir", str(datasets_root / "cifar"), "--epochs", "1",
+    common = [*TINY, "--dataset", "cifar10", "--data-dir", str(cifar), "--epochs", "1",
               "--freeze-bn"]
     one, two = tmp_path / "one", tmp_path / "two"
     script = str(ROOT / "tools" / "train.py")
@@ -262,14 +222,14 @@ def test_two_processes_on_half_batches_equal_one_process(datasets_root, tmp_path
 
 
 @pytest.mark.slow
-def test_kill_during_training_then_resume(datasets_root, straight_run, tmp_path):
+def test_kill_during_training_then_resume(cifar, straight_run, tmp_path):
     """SIGKILL a real run right after its first checkpoint lands, then resume: same final weights."""
     import signal
     import time
 
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "tools" / "train.py"), *TINY, "--dataset", "cifar10", "--data-dir",
-           str(datasets_root / "cifar"), "--epochs", "2", "--checkpoint-every-steps", "1", "--output-dir", str(out)]
+           str(cifar), "--epochs", "2", "--checkpoint-every-steps", "1", "--output-dir", str(out)]
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not list_checkpoints(out) and proc.poll() is None:
@@ -277,7 +237,7 @@ def test_kill_during_training_then_resume(datasets_root, straight_run, tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert list_checkpoints(out), "no checkpoint before the kill"
-    assert run_train("--dataset", "cifar10", "--data-dir", datasets_root / "cifar", "--epochs", "2",
+    assert run_train("--dataset", "cifar10", "--data-dir", cifar, "--epochs", "2",
                      "--output-dir", out, "--resume", "auto", "--checkpoint-every-steps", "1") == 0
     a, b = model_state(latest_checkpoint(straight_run)), model_state(latest_checkpoint(out))
     assert all(torch.equal(a[k], b[k]) for k in a)
