@@ -28,11 +28,11 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["BUCKET_BYTES", "GradientAverage", "RanksMissingError", "RollCall", "SharedFolderError", "average_gradients",
+__all__ = ["GradientAverage", "RanksMissingError", "RollCall", "SharedFolderError", "average_gradients",
            "broadcast_tensors", "buckets", "check_gpus_per_node", "is_distributed", "missing_ranks"]
 
 #: DDP's default bucket size (25 MiB).
-BUCKET_BYTES = 25 * 2**20
+_BUCKET_BYTES = 25 * 2**20
 
 
 def is_distributed() -> bool:
@@ -40,7 +40,7 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def buckets(tensors: Iterable[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> Iterator[list[torch.Tensor]]:
+def buckets(tensors: Iterable[torch.Tensor], bucket_bytes: int = _BUCKET_BYTES) -> Iterator[list[torch.Tensor]]:
     """Consecutive runs of ``tensors`` of one dtype and device, each at most ``bucket_bytes`` (or one tensor)."""
     bucket: list[torch.Tensor] = []
     size = 0

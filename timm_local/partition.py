@@ -17,7 +17,7 @@ import torch.nn as nn
 from .families import FamilyAdapter, adapter_for
 from .families.spec import LAYOUTS, BlockSpec, run_on_probe
 
-__all__ = ["LAYOUTS", "BlockSpec", "Partition", "init_like_primary", "measure_block", "partition", "run_on_probe"]
+__all__ = ["LAYOUTS", "BlockSpec", "Partition", "init_like_primary", "partition", "run_on_probe"]
 
 
 class Partition:
@@ -101,7 +101,7 @@ def init_like_primary(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def measure_block(
+def _measure_block(
     index: int, name: str, h: object, x: torch.Tensor, model: nn.Module, previous: str | None
 ) -> BlockSpec:
     """The :class:`BlockSpec` of a block output ``h`` measured on the probe image ``x``.
@@ -181,7 +181,7 @@ def partition(
             h = x
             for i, (name, block) in enumerate(named_blocks):
                 h = run_on_probe(model, x, f"local block {name!r}", block, h)
-                specs.append(measure_block(i, name, h, x, model, specs[-1].layout if specs else None))
+                specs.append(_measure_block(i, name, h, x, model, specs[-1].layout if specs else None))
             if verify:
                 expected = run_on_probe(model, x, "forward_features", model.forward_features, x)
                 if not isinstance(expected, torch.Tensor):

@@ -1,11 +1,13 @@
-"""MAN and MAN++ (methods/man.py) against their official CIFAR code (JunhaoSu0/MAN, networks/resnetInfoPro_MAN.py
-and resnetInfoPro_MANPP.py); what MAN and HPFF share (a resume carries their extra state) for both."""
+"""MAN and MAN++ (methods/man.py; on a ViT, methods/man_tokens.py) against their official code (JunhaoSu0/MAN,
+networks/resnetInfoPro_MAN.py, resnetInfoPro_MANPP.py and vit_man.py); what MAN and HPFF share (a resume
+carries their extra state) for both."""
 from __future__ import annotations
 
 import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import timm_local
 from timm_local.cost import count_macs
@@ -170,3 +172,98 @@ def test_an_undone_step_puts_the_momentum_copies_back() -> None:
     assert not all(torch.equal(a, b) for a, b in zip(before, model.heads[0].ema.parameters()))
     guard.undo_step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.heads[0].ema.parameters()))
+
+
+# ------------------------------------------------------------------------------------- MAN++'s ViT variant
+#: A ViT block's parameters (timm's and vit_man.py's Block, qkv with bias, MLP ratio 4): two LayerNorms (4d),
+#: qkv (3d² + 3d), proj (d² + d), fc1 (4d² + 4d), fc2 (4d² + d).
+def vit_block_params(d: int) -> int:
+    return 12 * d * d + 13 * d
+
+
+def test_man_pp_on_a_vit_has_the_official_vit_heads_and_equal_groups() -> None:
+    """vit_man.py, ViT-Tiny (d = 192, depth 12, 1000 classes) at K = 4: groups of 3 blocks, the patch embedding in
+    the first and no stem head; per head, trained copies of the next group's first 2 blocks, a LayerNorm, a
+    linear classifier and s, plus a frozen copy of that group's first block."""
+    lm = timm_local.create_local_model("vit_tiny_patch16_224", "man_pp", method_kwargs=dict(local_modules=4))
+    assert [s.blocks for s in lm.stages] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]]
+    d = 192
+    trained = 2 * vit_block_params(d) + 2 * d + d * 1000 + 1000 + 1
+    for head in lm.heads:
+        assert sum(p.numel() for p in head.parameters() if p.requires_grad) == trained == 1_083_113
+        assert sum(p.numel() for p in head.ema.parameters()) == vit_block_params(d) == 444_864
+        assert head.momentum == 0.995 and head.pool == "token"
+    assert [h.reads_blocks for h in lm.heads] == [(4,), (7,), (10,)]
+
+
+def _small_vit_man_pp(local_modules: int = 4, **kwargs):
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=8, embed_dim=64, num_heads=2,
+                            num_classes=10)
+    return timm_local.create_local_model(vit, "man_pp", input_size=(3, 32, 32),
+                                         method_kwargs=dict(local_modules=local_modules, **kwargs))
+
+
+def test_man_pp_vit_moves_its_copy_before_the_backward_as_the_official_forward_does() -> None:
+    """The official forward moves EMA through ``.data`` between the loss and its backward, so the backward through
+    the copy uses the moved weights: the head's loss, feature gradient, s gradient and moved copy equal that
+    order's, and differ from the order MAN's CNN code uses (move after the backward)."""
+    import copy
+
+    lm = _small_vit_man_pp(momentum=0.5)
+    head = lm.heads[0].train()
+    primary = head.primary[0]
+    with torch.no_grad():
+        for p in primary.parameters():
+            p.add_(torch.randn_like(p))  # a primary far from its copy, so the move is visible
+    h = torch.randn(3, 17, 64)
+    target = torch.tensor([1, 4, 7])
+
+    def official(move_first: bool) -> tuple[torch.Tensor, ...]:
+        ref = copy.deepcopy(head)
+        feats = h.clone().requires_grad_()
+        y = ref.s * ref.lb[0](feats) + (2 - ref.s) * ref.ema(feats)
+        loss = F.cross_entropy(ref.classifier(ref.norm(ref.lb[1](y))[:, 0]), target)
+
+        def move() -> None:
+            for e, w in zip(ref.ema.parameters(), primary.parameters()):
+                e.data.mul_(0.5).add_(w.data, alpha=0.5)
+
+        if move_first:
+            move()
+        loss.backward()
+        if not move_first:
+            move()
+        return loss.detach(), feats.grad, ref.s.grad, torch.cat([p.flatten() for p in ref.ema.parameters()])
+
+    expected, other_order = official(move_first=True), official(move_first=False)
+    feats = h.clone().requires_grad_()
+    loss, _ = head.local_loss(feats, target, torch.zeros(3, 3, 32, 32))
+    loss.backward()
+    ours = (loss.detach(), feats.grad, head.s.grad, torch.cat([p.flatten() for p in head.ema.parameters()]))
+    assert all(torch.equal(a, b) for a, b in zip(ours, expected))
+    assert not torch.equal(ours[1], other_order[1])  # the order is observable in the gradient
+
+
+def test_man_pp_vit_step_trains_s_and_never_the_momentum_copies() -> None:
+    lm = _small_vit_man_pp()
+    assert [s.blocks for s in lm.stages] == [[0, 1, 2], [3, 4], [5, 6], [7, 8]]
+    assert [len(h.lb) for h in lm.heads] == [2, 2, 2]
+    before = [p.clone() for h in lm.heads for p in h.ema.parameters()]
+    primaries = [p.clone() for h in lm.heads for p in h.primary[0].parameters()]
+    out = lm.train().local_step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    assert len(out.losses) == 4 and all(torch.isfinite(v) for v in out.losses)
+    assert all(h.s.grad is not None and h.s.grad.abs() > 0 for h in lm.heads)
+    assert all(p.grad is None for h in lm.heads for p in h.ema.parameters())
+    moved = [p for h in lm.heads for p in h.ema.parameters()]
+    assert all(torch.equal(m, e.mul(0.995).add(w, alpha=1 - 0.995)) for m, e, w in zip(moved, before, primaries))
+    lm.eval().local_step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    assert all(torch.equal(a, b) for a, b in zip(moved, [p for h in lm.heads for p in h.ema.parameters()]))
+
+
+def test_man_pp_vit_split_falls_back_to_balance_when_k_does_not_divide_the_depth() -> None:
+    lm = _small_vit_man_pp(local_modules=3)  # 8 blocks in 3 equal groups is impossible
+    assert len(lm.stages) == 3 and lm.stages[-1].blocks[-1] == 8
+    assert lm.method.config()["momentum"] is None  # the variant's default, resolved at build

@@ -23,7 +23,7 @@ PACKAGES = ("timm_local", "det")
 #: ``.*`` a package and everything under it; the most specific entry places a module. The order is the
 #: one DESIGN.md's data flow needs from the imports' side: what is used sits below what uses it.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("leaves", ("timm_local.errors", "timm_local.version")),
+    ("leaves", ("timm_local.errors", "timm_local.version", "timm_local.registry")),
     ("primitives", ("timm_local.memory", "timm_local.macs", "timm_local.balance", "timm_local.distributed")),
     ("data", ("timm_local.data.*",)),
     ("models", ("timm_local.models.*",)),

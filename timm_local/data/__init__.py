@@ -11,6 +11,9 @@ What this package guarantees, and why:
   mean/std, and grayscale sets expanded to the channel count the model wants.
 * **Augmentation is a pure function of (seed, epoch, sample index)** (:mod:`.seeded`), so a resumed
   run sees exactly the images an uninterrupted one sees.
+
+``__all__`` is the surface for a script that builds its own data pipeline (:func:`create_datasets`,
+the sources and readers, the recipe table) and for a new reader or recipe (docs/contributing.md).
 """
 from .datasets import DataConfig, count_classes, create_datasets
 from .device_loader import DeviceBatches, normalize_batch

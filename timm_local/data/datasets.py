@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -16,7 +16,7 @@ from .sources import HFSource, ImageSplits, TorchvisionSource
 from .streams import STREAM_PREFIXES, open_streams, spec_prefix
 from .transforms import build_transform, expand_stats
 
-__all__ = ["DataConfig", "LABEL_SCAN_LIMIT", "count_classes", "create_datasets", "native_image_size"]
+__all__ = ["DataConfig", "count_classes", "create_datasets"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class DataConfig:
 
 
 #: The most images read to count the classes of a source that keeps no label list (a bounded pass).
-LABEL_SCAN_LIMIT = 10_000
+_LABEL_SCAN_LIMIT = 10_000
 
 
 def count_classes(splits: ImageSplits) -> int:
@@ -68,14 +68,14 @@ def count_classes(splits: ImageSplits) -> int:
     if labels is None and isinstance(src, TorchvisionSource):
         labels = getattr(src.dataset, "targets", None) or getattr(src.dataset, "labels", None)
     if labels is None:
-        if len(src) > LABEL_SCAN_LIMIT:
+        if len(src) > _LABEL_SCAN_LIMIT:
             raise ValueError(f"{splits.origin}: the class count is not stored with the data and finding it would "
                              f"decode all {len(src)} images; pass --num-classes")
         labels = [src[i][1] for i in range(len(src))]
     return int(np.max(np.asarray(labels))) + 1
 
 
-def native_image_size(splits: ImageSplits, image_size: Optional[int], seed: int = 0, warn: bool = True
+def _native_image_size(splits: ImageSplits, image_size: Optional[int], seed: int = 0, warn: bool = True
                       ) -> Optional[int]:
     """The input size of a dataset without a recipe from its image files' sizes, over a seeded sample of
     each split (:func:`~timm_local.data.input_size.sample_file_sizes`, which also checks those files): the
@@ -115,7 +115,7 @@ def _generic_recipe(splits: ImageSplits, dataset: str, image_size: Optional[int]
 
     The files are sampled (checked) even when the model decides: a wrong folder fails before the run starts.
     """
-    native = native_image_size(splits, image_size, seed, warn=model is None)
+    native = _native_image_size(splits, image_size, seed, warn=model is None)
     first, _ = splits.train[0]
     native_chans = 1 if first.mode in ("L", "1", "I", "I;16", "F") else 3
     if model is not None:
@@ -128,6 +128,35 @@ def _generic_recipe(splits: ImageSplits, dataset: str, image_size: Optional[int]
     else:
         why = "the first image (the model has no input-size default)"
     return generic_recipe(dataset, size, native_chans, num_classes), why
+
+
+def _map_style_recipe(splits: ImageSplits, dataset: str, image_size: Optional[int], found_classes: int,
+                      model: Callable[[], Optional[ModelInput]], seed: int) -> tuple[DatasetRecipe, str]:
+    """The recipe of map-style ``splits`` and what decided its input size (for the start line).
+
+    A named dataset's own recipe wins over the model's data config, so ``model`` is a callable: the model
+    is only created when the dataset has no recipe.
+    """
+    if splits.recipe is not None:
+        return splits.recipe, "--img-size" if image_size else f"the {splits.recipe.name} recipe"
+    return _generic_recipe(splits, dataset, image_size, found_classes, model(), seed)
+
+
+def _preprocessing(recipe: DatasetRecipe, image_size: Optional[int], in_chans: int, augment: bool,
+                   mean: Optional[Sequence[float]], std: Optional[Sequence[float]], normalize: bool,
+                   extra: Optional[Mapping[str, Any]] = None
+                   ) -> tuple[int, tuple[float, ...], tuple[float, ...], tuple[Callable, Callable]]:
+    """Input size, mean, std and the (train, test) transforms of ``recipe`` under the run's overrides.
+
+    One place for map-style and streamed sets, so both preprocess a dataset alike; ``extra`` (timm's
+    transform knobs) reaches the training transform only, evaluation stays the recipe's.
+    """
+    size = int(image_size or recipe.image_size)
+    mean_ = expand_stats(mean if mean is not None else recipe.mean, in_chans)
+    std_ = expand_stats(std if std is not None else recipe.std, in_chans)
+    train, test = (build_transform(recipe, size, in_chans, training, augment, mean_, std_, normalize,
+                                   extra if training else None) for training in (True, False))
+    return size, mean_, std_, (train, test)
 
 
 def create_datasets(
@@ -173,20 +202,12 @@ def create_datasets(
     found_classes = count_classes(splits)
     if num_classes is not None and num_classes < found_classes:
         raise ValueError(f"num_classes={num_classes} but the dataset has {found_classes} classes ({splits.origin}).")
-    recipe = splits.recipe
     extra = dict(augmentation or {})
     overrides = {k: extra.pop(k) for k in ("crop_pct", "interpolation") if extra.get(k) is not None}
-    if recipe is None:
-        recipe, size_source = _generic_recipe(splits, str(dataset), image_size, found_classes,
-                                              model_input(model, model_kwargs), seed)
-    else:
-        size_source = "--img-size" if image_size else f"the {recipe.name} recipe"
+    recipe, size_source = _map_style_recipe(splits, str(dataset), image_size, found_classes,
+                                            lambda: model_input(model, model_kwargs), seed)
     recipe = replace(recipe, **overrides) if overrides else recipe
-    size = int(image_size or recipe.image_size)
-    mean_ = expand_stats(mean if mean is not None else recipe.mean, in_chans)
-    std_ = expand_stats(std if std is not None else recipe.std, in_chans)
-    transforms = [build_transform(recipe, size, in_chans, training, augment, mean_, std_, normalize,
-                                  extra if training else None) for training in (True, False)]
+    size, mean_, std_, transforms = _preprocessing(recipe, image_size, in_chans, augment, mean, std, normalize, extra)
     train = SeededTransformDataset(splits.train, transforms[0], seed=seed)
     test = SeededTransformDataset(splits.test, transforms[1], seed=seed)
     cfg = DataConfig(
@@ -213,11 +234,7 @@ def _stream_datasets(dataset: str, data_dir: Optional[str], *, image_size: Optio
         recipe, size_source = _model_recipe(dataset, image_size, 3, num_classes, model)
     else:
         recipe, size_source = generic_recipe(dataset, int(image_size), 3, num_classes), "--img-size"
-    size = int(image_size or recipe.image_size)
-    mean_ = expand_stats(mean if mean is not None else recipe.mean, in_chans)
-    std_ = expand_stats(std if std is not None else recipe.std, in_chans)
-    transforms = tuple(build_transform(recipe, size, in_chans, training, augment, mean_, std_, normalize)
-                       for training in (True, False))
+    size, mean_, std_, transforms = _preprocessing(recipe, image_size, in_chans, augment, mean, std, normalize)
     train, test, found_classes, classes, origin = open_streams(dataset, data_dir, transforms, batch_size, seed,
                                                                workers, *columns, num_classes)
     if num_classes is not None and num_classes < found_classes:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..registry import Registry
+
 __all__ = ["CIFAR_MEAN", "CIFAR_STD", "DEFAULT_DATASET", "DatasetRecipe", "IMAGENET_MEAN", "IMAGENET_STD",
            "RECIPES", "generic_recipe", "get_recipe", "list_datasets", "normalise_name"]
 
@@ -51,8 +53,23 @@ _DIGITS = tuple(str(i) for i in range(10))
 _FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                     "Ankle boot")
 
-RECIPES: dict[str, DatasetRecipe] = {
-    r.name: r
+_ALIASES = {"fashionmnist": "fashion_mnist", "cifar_10": "cifar10", "cifar_100": "cifar100", "stl_10": "stl10",
+            "imagenet1k": "imagenet", "imagenet_1k": "imagenet"}
+
+
+def normalise_name(name: str) -> str:
+    """The table key of a dataset name as users write it (``Fashion-MNIST``, ``cifar-10``, ...)."""
+    key = name.strip().lower().replace("-", "_")
+    return _ALIASES.get(key, key)
+
+
+def _unknown_dataset(name: str, known: list[str]) -> KeyError:
+    return KeyError(f"Unknown dataset {name!r}. Known datasets: {', '.join(known)}; or give a local "
+                    f"folder / HF hub id.")
+
+
+RECIPES: Registry[str, DatasetRecipe] = Registry(_unknown_dataset, normalise=normalise_name, entries=(
+    (r.name, r)
     for r in [
         DatasetRecipe(
             "cifar10", 10, 32, 3, CIFAR_MEAN, CIFAR_STD, pad=4, hflip=True, reader="cifar10",
@@ -110,33 +127,20 @@ RECIPES: dict[str, DatasetRecipe] = {
             how_to_get="install scikit-learn (`pip install scikit-learn`); the data ships with it",
         ),
     ]
-}
+))
 
 #: The dataset used when none is given: real, tiny, and shipped with a dependency.
 DEFAULT_DATASET = "digits"
 
-_ALIASES = {"fashionmnist": "fashion_mnist", "cifar_10": "cifar10", "cifar_100": "cifar100", "stl_10": "stl10",
-            "imagenet1k": "imagenet", "imagenet_1k": "imagenet"}
-
 
 def list_datasets() -> list[str]:
     """Names of the datasets that have a built-in recipe (transforms, mean/std, loaders)."""
-    return sorted(RECIPES)
-
-
-def normalise_name(name: str) -> str:
-    """The table key of a dataset name as users write it (``Fashion-MNIST``, ``cifar-10``, ...)."""
-    key = name.strip().lower().replace("-", "_")
-    return _ALIASES.get(key, key)
+    return RECIPES.names()
 
 
 def get_recipe(name: str) -> DatasetRecipe:
     """Return the recipe of a named dataset; unknown names get an error listing the known ones."""
-    key = normalise_name(name)
-    if key not in RECIPES:
-        raise KeyError(f"Unknown dataset {name!r}. Known datasets: {', '.join(list_datasets())}; or give a local "
-                       f"folder / HF hub id.")
-    return RECIPES[key]
+    return RECIPES.lookup(name)
 
 
 def generic_recipe(name: str, image_size: int, in_chans: int, num_classes: Optional[int]) -> DatasetRecipe:

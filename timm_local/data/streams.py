@@ -31,12 +31,12 @@ from torch.utils.data import IterableDataset
 from .sources import HUB_PREFIX, TEST_SPLIT_NAMES, CorruptImageError, ImageSplits
 
 __all__ = ["MAP_PREFIXES", "STREAM_PREFIXES", "HFStream", "Stream", "TimmSource", "open_streams", "read_timm_map",
-           "spec_prefix", "stream_size"]
+           "spec_prefix"]
 
 #: timm's dataset-spec prefixes read here; ``tfds/`` needs TensorFlow, which this project does not install.
 MAP_PREFIXES = ("hfds/",)
 STREAM_PREFIXES = ("hfids/", "wds/")
-SHUFFLE_BUFFER = 4096  # HF streams: samples held for shuffling, as timm's hfids reader
+_SHUFFLE_BUFFER = 4096  # HF streams: samples held for shuffling, as timm's hfids reader
 
 
 def spec_prefix(dataset: Optional[str]) -> Optional[str]:
@@ -121,7 +121,7 @@ class HFStream(Stream):
 
         ds = self.dataset
         if self.shuffle:
-            ds = ds.shuffle(seed=self.seed, buffer_size=SHUFFLE_BUFFER)
+            ds = ds.shuffle(seed=self.seed, buffer_size=_SHUFFLE_BUFFER)
             ds.set_epoch(int(self.shared_epoch))
         if self.world > 1:
             ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world)
@@ -175,7 +175,7 @@ def _hf_stream_splits(dataset: str, data_dir: Optional[str], image_column: Optio
     return splits["train"], splits[test], sizes["train"], sizes[test], list(names), f"{image_column}|{label_column}"
 
 
-def stream_size(root: Optional[str], split: str) -> Optional[dict[str, Any]]:
+def _stream_size(root: Optional[str], split: str) -> Optional[dict[str, Any]]:
     """A ``wds/`` split's entry of timm's ``_info.json`` (sample count, shards), or None without one."""
     for name in ("_info.json", "info.json"):
         path = Path(root or ".") / name
@@ -210,11 +210,12 @@ def _wds_streams(dataset: str, data_dir: Optional[str], transforms: tuple[Callab
     """``wds/``: timm's webdataset reader over the shards ``_info.json`` lists."""
     from timm.data import create_dataset
 
-    info = stream_size(data_dir, "train") or {}
+    info = _stream_size(data_dir, "train") or {}
     if not info.get("num_samples"):
         raise ValueError(f"wds/: {data_dir}/_info.json (timm's shard index: splits -> num_samples, filenames) is "
                          f"missing or has no train split; tools/make_fake_imagenet.py writes the format")
-    held_out = next((s for s in ("validation", *TEST_SPLIT_NAMES) if (stream_size(data_dir, s) or {}).get("filenames")),
+    held_out = next((s for s in ("validation", *TEST_SPLIT_NAMES)
+                     if (_stream_size(data_dir, s) or {}).get("filenames")),
                     None)
     if held_out is None:
         raise ValueError(f"wds/: {data_dir}/_info.json has no held-out split (validation, test or val)")
@@ -228,5 +229,5 @@ def _wds_streams(dataset: str, data_dir: Optional[str], transforms: tuple[Callab
     test = create_dataset(dataset, root=data_dir, split=held_out, transform=transforms[1])
     test.reader.dist_rank, test.reader.dist_num_replicas = 0, 1  # every process reads the whole held-out split
     test.set_loader_cfg(num_workers=workers)
-    test.num_samples = int(stream_size(data_dir, held_out)["num_samples"])
+    test.num_samples = int(_stream_size(data_dir, held_out)["num_samples"])
     return train, test, int(classes), None, f"webdataset shards in {data_dir} (train / {held_out})"

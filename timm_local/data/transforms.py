@@ -8,7 +8,7 @@ from PIL import Image
 
 from .recipes import RECIPES, DatasetRecipe
 
-__all__ = ["ConvertMode", "build_transform", "expand_stats", "timm_augmentations"]
+__all__ = ["build_transform", "expand_stats"]
 
 
 def expand_stats(values: Sequence[float], in_chans: int) -> tuple[float, ...]:
@@ -35,7 +35,7 @@ def build_transform(recipe: DatasetRecipe, image_size: int, in_chans: int, is_tr
     (:class:`~timm_local.data.device_loader.DeviceBatches`, the same arithmetic). ``extra`` holds a recipe's
     ``timm.data.create_transform`` knobs (``auto_augment``, ``re_prob``, ``re_mode``, ``re_count``,
     ``color_jitter``): ImageNet-style data passes them to ``create_transform``; pad-and-crop data adds the
-    same timm pieces around its own crop (:func:`timm_augmentations`).
+    same timm pieces around its own crop (:func:`_timm_augmentations`).
     """
     extra = {k: v for k, v in (extra or {}).items() if v is not None}
     if extra.get("re_prob") and not normalize and is_training and augment:  # timm would leave it to its prefetcher
@@ -48,7 +48,7 @@ def build_transform(recipe: DatasetRecipe, image_size: int, in_chans: int, is_tr
     mode = "RGB" if in_chans == 3 else "L" if in_chans == 1 else None
     if mode is None:
         raise ValueError(f"in_chans must be 1 or 3 for image datasets, got {in_chans}")
-    convert = T.Lambda(ConvertMode(mode))
+    convert = T.Lambda(_ConvertMode(mode))
 
     if recipe.train_style == "imagenet":
         from timm.data import create_transform
@@ -73,12 +73,12 @@ def build_transform(recipe: DatasetRecipe, image_size: int, in_chans: int, is_tr
         steps.append(T.RandomCrop(image_size, padding=pad))
         if recipe.hflip:
             steps.append(T.RandomHorizontalFlip())
-    before, after = timm_augmentations(extra, image_size, mean) if is_training and augment else ([], [])
+    before, after = _timm_augmentations(extra, image_size, mean) if is_training and augment else ([], [])
     steps += [*before, T.ToTensor(), T.Normalize(mean, std), *after] if normalize else [*before, T.PILToTensor()]
     return T.Compose(steps)
 
 
-def timm_augmentations(extra: Mapping[str, Any], image_size: int, mean: Sequence[float]
+def _timm_augmentations(extra: Mapping[str, Any], image_size: int, mean: Sequence[float]
                        ) -> tuple[list[Callable], list[Callable]]:
     """timm's auto-augment / colour jitter (on the image) and random erasing (on the tensor) for data whose
     crop is the paper's pad-and-crop.
@@ -109,7 +109,7 @@ def timm_augmentations(extra: Mapping[str, Any], image_size: int, mean: Sequence
     return before, after
 
 
-class ConvertMode:
+class _ConvertMode:
     """Picklable ``img.convert(mode)`` (lambdas do not survive DataLoader worker spawning)."""
 
     def __init__(self, mode: str) -> None:

@@ -3,6 +3,11 @@
 ``sequential``: one process, stages in order. ``pipeline``: W processes each owning a
 contiguous run of local stages (× R data-parallel replicas), exactly equal to sequential.
 What a stage computes is in :mod:`.stage`, shared by both.
+
+``__all__`` is the surface for driving an engine from one's own loop (docs/pipeline.md: the
+:class:`PipelineTrainer` on every rank, :func:`launch_local` on one machine) and for a new engine
+(the stage step every engine runs, the cut and its costs); the wire format, ownership and
+consolidation stay behind it.
 """
 from .cut import CutReport, agree_on_cut, balanced_cut, local_stage_costs, segment_ranges, validate_cut
 from .launch import free_port, launch_local

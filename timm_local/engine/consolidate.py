@@ -16,10 +16,10 @@ import torch.nn as nn
 from ..distributed import broadcast_tensors
 from .topology import PipelineTopology
 
-__all__ = ["broadcast_from_owners", "merge_optimizer_state", "unwrap_optimizer"]
+__all__ = ["broadcast_from_owners", "merge_optimizer_state"]
 
 
-def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """Accelerate wraps optimizers; the state lives in the wrapped ``torch.optim.Optimizer``."""
     while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
@@ -42,7 +42,7 @@ def merge_optimizer_state(optimizer: Any, model: nn.Module, names_by_segment: Se
     The optimizer must index parameters by ``model.named_parameters()`` (any subset, any order: state
     is matched by name), so the result equals the sequential engine's optimizer state.
     """
-    optimizer = unwrap_optimizer(optimizer)
+    optimizer = _unwrap_optimizer(optimizer)
     name_of = {id(p): name for name, p in model.named_parameters()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     merged: dict[str, dict[str, Any]] = {}

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["ActivationLink", "decode_header", "encode_header"]
+__all__ = ["ActivationLink"]
 
 _DTYPES: tuple[torch.dtype, ...] = (
     torch.float32, torch.float16, torch.bfloat16, torch.float64,
@@ -23,7 +23,7 @@ _FIELDS = 3  # activation, target, network input
 _HEADER_LEN = _FIELDS * _SLOT
 
 
-def encode_header(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+def _encode_header(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """Dtypes and shapes of a message, so the receiver can allocate (batch sizes may vary)."""
     header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
     for i, t in enumerate(tensors):
@@ -39,7 +39,7 @@ def encode_header(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
     return header
 
 
-def decode_header(header: torch.Tensor) -> list[tuple[torch.dtype, tuple[int, ...]] | None]:
+def _decode_header(header: torch.Tensor) -> list[tuple[torch.dtype, tuple[int, ...]] | None]:
     values = header.tolist()
     meta: list[tuple[torch.dtype, tuple[int, ...]] | None] = []
     for i in range(_FIELDS):
@@ -66,7 +66,7 @@ class ActivationLink:
 
     def send(self, tensors: Sequence[torch.Tensor | None]) -> None:
         self.wait()
-        header = encode_header(tensors).to(self.comm_device)
+        header = _encode_header(tensors).to(self.comm_device)
         buffers = [header]
         works = [dist.isend(header, self.peer, tag=0)]
         for field, t in enumerate(tensors):
@@ -89,7 +89,7 @@ class ActivationLink:
         dist.irecv(header, self.peer, tag=0).wait()
         received: list[torch.Tensor | None] = []
         works = []
-        for field, meta in enumerate(decode_header(header.cpu())):
+        for field, meta in enumerate(_decode_header(header.cpu())):
             if meta is None:
                 received.append(None)
                 continue

@@ -45,8 +45,9 @@ from .consolidate import broadcast_from_owners, merge_optimizer_state
 from .cut import CostMeasure, CutReport, agree_on_cut, segment_ranges
 from .ownership import needs_inputs, refuse_cross_segment_reads, tensors_by_local_stage
 from .p2p import ActivationLink
+from .segment_state import load_segment_state, segment_state
 from .stage import Backward, check_finite_losses, default_backward, run_stage, stage_sums
-from .topology import PipelineTopology
+from .topology import PipelineTopology, require_process_group
 
 if TYPE_CHECKING:  # model.py imports the engines, so engines import it only for types
     from ..model import LocalModel
@@ -139,12 +140,7 @@ class PipelineTrainer:
         verbose: bool = True,
         timeout: timedelta | None = None,
     ) -> None:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                "the pipeline engine needs an initialised torch.distributed process group: launch with "
-                "`torchrun --nproc_per_node W×R` or `accelerate launch --num_processes W×R`, or use "
-                "timm_local.engine.launch_local on one machine"
-            )
+        require_process_group()
         world_size = dist.get_world_size()
         self.topology = PipelineTopology.create(
             world_size, dist.get_rank(), world_size if num_segments is None else int(num_segments)
@@ -157,38 +153,20 @@ class PipelineTrainer:
         model.to(self.device)
         # gloo moves host memory only: stage device tensors through the CPU.
         self.comm_device = torch.device("cpu") if self.backend == "gloo" else self.device
-
-        topo = self.topology
-        n_stages = len(model.stages)
         self._owned = tensors_by_local_stage(model)
         if sync_init and world_size > 1:
             broadcast_tensors([t for stage in self._owned for _, t in stage], 0, self.comm_device)
-
-        self.cut_report: CutReport = agree_on_cut(model, topo, cut, costs, cost_measure, input_size, cost_batch_size)
-        if verbose and topo.rank == 0:
+        self.cut_report: CutReport = agree_on_cut(model, self.topology, cut, costs, cost_measure, input_size,
+                                                  cost_batch_size)
+        if verbose and self.topology.rank == 0:
             names = [[model.partition.names[b] for b in s.blocks] for s in model.stages]
-            print(f"[timm_local pipeline] W={topo.num_segments} stages x R={topo.num_replicas} replicas, "
+            print(f"[timm_local pipeline] W={self.topology.num_segments} stages x R={self.num_replicas} replicas, "
                   f"backend {self.backend}, device {self.device}\n{self.cut_report.describe(names)}", flush=True)
-        self.cut = list(self.cut_report.starts)
-        self.segment_stages: list[range] = segment_ranges(self.cut, n_stages)
-        self.local_stages: range = self.segment_stages[topo.segment]
-        refuse_cross_segment_reads(model, self.segment_stages)
-        self._stage_params: dict[int, list[nn.Parameter]] = {
-            j: [t for _, t in self._owned[j] if isinstance(t, nn.Parameter) and t.requires_grad]
-            for j in self.local_stages
-        }
-        later = range(self.local_stages.stop, n_stages)
-        self._send_inputs = any(needs_inputs(model.stages[j].head) for j in later)
-
-        # Every rank must create every replica group, in the same order (torch.distributed rule).
-        self._replica_group = None
-        if topo.num_replicas > 1:
-            for s in range(topo.num_segments):
-                group = dist.new_group(topo.replica_group_ranks(s), timeout=timeout)
-                if s == topo.segment:
-                    self._replica_group = group
-        self._prev = None if topo.prev_rank is None else ActivationLink(topo.prev_rank, self.device, self.comm_device)
-        self._next = None if topo.next_rank is None else ActivationLink(topo.next_rank, self.device, self.comm_device)
+        self._take_segment(list(self.cut_report.starts))
+        self._replica_group = self.topology.replica_process_group(timeout)
+        prev_rank, next_rank = self.topology.prev_rank, self.topology.next_rank
+        self._prev = None if prev_rank is None else ActivationLink(prev_rank, self.device, self.comm_device)
+        self._next = None if next_rank is None else ActivationLink(next_rank, self.device, self.comm_device)
         self.steps = 0
         # Cumulative seconds, to see where a pipeline loses time (cheap: a few clock reads/step).
         self.wait_times: dict[str, float] = {"recv": 0.0, "send": 0.0, "allreduce": 0.0, "step": 0.0}
@@ -200,6 +178,21 @@ class PipelineTrainer:
         if self.backend == "nccl":
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
         return next(self.model.parameters()).device
+
+    def _take_segment(self, cut: list[int]) -> None:
+        """Fix which local stages this rank trains under ``cut``, refusing a cut whose segments would read
+        each other's weights, and which of their parameters it averages and whether it sends the network
+        input on (only when a later segment's head reads it)."""
+        self.cut = cut
+        self.segment_stages: list[range] = segment_ranges(cut, len(self.model.stages))
+        self.local_stages: range = self.segment_stages[self.topology.segment]
+        refuse_cross_segment_reads(self.model, self.segment_stages)
+        self._stage_params: dict[int, list[nn.Parameter]] = {
+            j: [t for _, t in self._owned[j] if isinstance(t, nn.Parameter) and t.requires_grad]
+            for j in self.local_stages
+        }
+        later = range(self.local_stages.stop, len(self.model.stages))
+        self._send_inputs = any(needs_inputs(self.model.stages[j].head) for j in later)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -249,26 +242,44 @@ class PipelineTrainer:
         call with ``sync=True`` then averages the sum once.
         """
         step_start = time.perf_counter()
+        h, y, inputs, received = self._batch_in(x, y)
+        out, reductions = self._run_local_stages(h, y, inputs, backward or default_backward, sync)
+        # Downstream segments have this batch already; the launcher stops them when this rank exits.
+        check_finite_losses(out.losses, self.model.partition, self.model.stages,
+                            f" (pipeline rank {self.topology.rank}, step {self.steps})", received)
+        start = time.perf_counter()
+        for reduction in reductions:
+            reduction.finish()
+        self.wait_times["allreduce"] += time.perf_counter() - start
+        self.wait_times["step"] += time.perf_counter() - step_start
+        self.steps += 1
+        return out
+
+    def _batch_in(self, x: torch.Tensor | None, y: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(activation, labels, network input) of this step, and the activation as received from upstream
+        (None on the first segment): a non-finite input means the upstream segment is the one to report."""
         if self.is_first:
             if x is None or y is None:
                 raise ValueError(
                     f"rank {self.topology.rank} runs the first pipeline segment: step(x, y) needs the batch"
                 )
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            h, inputs, received = x, x, None
-        else:
-            assert self._prev is not None
-            start = time.perf_counter()
-            h, y, inputs = self._prev.recv()
-            received = h  # kept for the error path: non-finite input means the upstream segment reports
-            self.wait_times["recv"] += time.perf_counter() - start
-            assert h is not None and y is not None
-        backward = backward or default_backward
+            return x, y, x, None
+        assert self._prev is not None
+        start = time.perf_counter()
+        h, y, inputs = self._prev.recv()
+        self.wait_times["recv"] += time.perf_counter() - start
+        assert h is not None and y is not None
+        return h, y, inputs, h
+
+    def _run_local_stages(self, h: torch.Tensor, y: torch.Tensor, inputs: torch.Tensor | None,
+                          backward: Backward, sync: bool) -> tuple[PipelineStepOutput, list[GradientAverage]]:
+        """Forward and backward of this rank's local stages on one batch. The output goes downstream before
+        the last stage's backward (downstream starts at once), and each stage's gradient average is posted
+        as soon as its backward ends (it overlaps the next stage's compute); the caller finishes them."""
         partition, stages = self.model.partition, self.model.stages
-        last_local = self.local_stages[-1]
-        losses: dict[int, torch.Tensor] = {}
-        head_logits: dict[int, torch.Tensor | None] = {}
-        logits = None
+        out = PipelineStepOutput({}, {}, None, y)
         reductions: list[GradientAverage] = []
         previous = None  # (stage, its detached input): what a cascade stage runs again
         for j in self.local_stages:
@@ -276,8 +287,7 @@ class PipelineTrainer:
             h_in = h.detach()
             h, loss, stage_logits = run_stage(partition, stage, h_in, y, inputs, previous)
             previous = (stage, h_in)
-            if j == last_local and self._next is not None:
-                # Hand the batch on before this stage's backward: downstream starts at once.
+            if j == self.local_stages[-1] and self._next is not None:
                 start = time.perf_counter()
                 self._next.send([h, y, inputs if self._send_inputs else None])
                 self.wait_times["send"] += time.perf_counter() - start
@@ -288,22 +298,13 @@ class PipelineTrainer:
             if sync and self._replica_group is not None:
                 reductions.append(GradientAverage(self._stage_params[j], self.num_replicas,
                                                   self._replica_group, self.comm_device))
-            losses[j] = loss.detach()
+            out.losses[j] = loss.detach()
             detached = None if stage_logits is None else stage_logits.detach()
             if stage.head is None:
-                logits = detached
+                out.logits = detached
             else:
-                head_logits[j] = detached
-        # Downstream segments have this batch already; the launcher stops them when this rank exits.
-        check_finite_losses(losses, partition, stages, f" (pipeline rank {self.topology.rank}, step {self.steps})",
-                            received)
-        start = time.perf_counter()
-        for reduction in reductions:
-            reduction.finish()
-        self.wait_times["allreduce"] += time.perf_counter() - start
-        self.wait_times["step"] += time.perf_counter() - step_start
-        self.steps += 1
-        return PipelineStepOutput(losses, head_logits, logits, y)
+                out.head_logits[j] = detached
+        return out, reductions
 
     def iterate(self, loader: Iterable[Any] | None = None, steps: int | None = None) -> Iterator[tuple[Any, Any]]:
         """Yield ``(x, y)`` for each step of an epoch on first-segment ranks, ``(None, None)``
@@ -370,31 +371,12 @@ class PipelineTrainer:
         For per-rank checkpoint files without a collective; :meth:`consolidate` + the
         sequential engine's checkpoint code is the portable alternative.
         """
-        return {
-            "format": "timm_local.pipeline_segment/1",
-            "cut": list(self.cut),
-            "segment": self.segment,
-            "model": {name: t.detach() for j in self.local_stages for name, t in self._owned[j]},
-        }
+        return segment_state(self._segment_tensors(), self.cut, self.segment)
 
-    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` written by the same segment under the same cut."""
-        if state.get("format") != "timm_local.pipeline_segment/1":
-            raise ValueError(
-                "not a pipeline segment state (PipelineTrainer.state_dict()); load a full LocalModel "
-                "state with model.load_state_dict on every rank instead"
-            )
-        if list(state["cut"]) != list(self.cut) or state["segment"] != self.segment:
-            raise ValueError(
-                f"segment state was saved for segment {state['segment']} of cut {state['cut']}, this rank runs "
-                f"segment {self.segment} of cut {self.cut}: resume with the same cut (pass cut=) or from a "
-                "consolidated full checkpoint"
-            )
-        tensors = {name: t for j in self.local_stages for name, t in self._owned[j]}
-        missing = sorted(set(tensors) - set(state["model"]))
-        unexpected = sorted(set(state["model"]) - set(tensors))
-        if missing or unexpected:
-            raise KeyError(f"segment state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        for name, t in tensors.items():
-            t.detach().copy_(state["model"][name])
+        load_segment_state(state, self._segment_tensors(), self.cut, self.segment)
+
+    def _segment_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: t for j in self.local_stages for name, t in self._owned[j]}
+

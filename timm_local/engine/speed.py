@@ -48,14 +48,15 @@ def match_memory_format(h: torch.Tensor, block: nn.Module) -> torch.Tensor:
     return h
 
 
-def compile_blocks_and_heads(lm: Any, backend: str = "inductor", mode: Optional[str] = None) -> int:
-    """Compile, in place, each local block of ``lm.partition`` and each auxiliary head; the number compiled.
+def compile_blocks_and_heads(local_model: Any, backend: str = "inductor", mode: Optional[str] = None) -> int:
+    """Compile, in place, each local block of ``local_model.partition`` and each auxiliary head; the number
+    compiled.
 
     The first step after this is slow (one compilation per distinct block shape and train/eval mode).
     A deep network has more such variants of one block class than dynamo's default recompile limit (8),
     past which it would silently run the rest eagerly; the limit is raised to cover every module.
     """
-    modules = [b for b in lm.partition.blocks if isinstance(b, nn.Module)] + list(lm.heads)
+    modules = [b for b in local_model.partition.blocks if isinstance(b, nn.Module)] + list(local_model.heads)
     dynamo_config = torch._dynamo.config
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * len(modules))  # train and eval
     for module in modules:

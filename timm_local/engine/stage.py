@@ -18,7 +18,7 @@ from ..methods.base import LocalStage, classification_loss
 from ..partition import Partition
 from .speed import match_memory_format
 
-__all__ = ["Backward", "check_finite_losses", "default_backward", "run_blocks", "run_stage", "stage_sums"]
+__all__ = ["Backward", "check_finite_losses", "default_backward", "run_stage", "stage_sums"]
 
 Backward = Callable[[torch.Tensor], None]
 
@@ -55,7 +55,7 @@ def _checkpointed(block: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     )
 
 
-def run_blocks(partition: Partition, stage: LocalStage, h: torch.Tensor) -> torch.Tensor:
+def _run_blocks(partition: Partition, stage: LocalStage, h: torch.Tensor) -> torch.Tensor:
     """The stage's primary blocks on ``h`` (activation-checkpointed when the stage asks for it)."""
     h = match_memory_format(h, partition.blocks[stage.blocks[0]])
     for index in stage.blocks:
@@ -95,14 +95,14 @@ def run_stage(
     """
     if not stage.has_loss:
         with torch.no_grad():
-            h = run_blocks(partition, stage, h)
+            h = _run_blocks(partition, stage, h)
         return h, torch.zeros((), device=h.device), None
-    h = run_blocks(partition, stage, h)
+    h = _run_blocks(partition, stage, h)
     loss, logits = _stage_loss(partition, stage, h, target, inputs)
     if stage.cascade is not None:
         if previous is None:
             raise ValueError("a cascade stage needs the previous stage and its input (the first stage cannot be one)")
-        z = run_blocks(partition, stage, run_blocks(partition, previous[0], previous[1]))
+        z = _run_blocks(partition, stage, _run_blocks(partition, previous[0], previous[1]))
         own, through = stage.cascade
         loss = own * loss + through * _stage_loss(partition, stage, z, target, inputs, cascade=True)[0]
     return h, loss, logits
@@ -111,7 +111,7 @@ def run_stage(
 #: How long a pipeline segment that *received* non-finite activations waits before it reports them: the
 #: segment upstream found them first and is reporting the stage that produced them, and launchers (torchrun,
 #: ``mp.spawn``) report the earliest failure as the root cause. Only the error path waits.
-UPSTREAM_REPORT_GRACE_S = 5.0
+_UPSTREAM_REPORT_GRACE_S = 5.0
 
 
 def check_finite_losses(losses: Mapping[int, torch.Tensor], partition: Partition, stages: Sequence[LocalStage],
@@ -121,14 +121,14 @@ def check_finite_losses(losses: Mapping[int, torch.Tensor], partition: Partition
     One check (one device sync) per step rather than per stage; the caller must not take an
     optimizer step after this error (the bad stage's gradients are not finite). ``received``: the
     activation a downstream pipeline segment received; when it is itself non-finite the error says so,
-    after letting the upstream segment report first (:data:`UPSTREAM_REPORT_GRACE_S`).
+    after letting the upstream segment report first (:data:`_UPSTREAM_REPORT_GRACE_S`).
     """
     indices = list(losses)
     finite = torch.isfinite(torch.stack([losses[j] for j in indices]))
     if bool(finite.all()):
         return
     if received is not None and not bool(torch.isfinite(received).all()):
-        time.sleep(UPSTREAM_REPORT_GRACE_S)
+        time.sleep(_UPSTREAM_REPORT_GRACE_S)
         raise FloatingPointError(f"the activation received from the previous pipeline segment is not finite{where}; "
                                  f"that segment's error names the stage that produced it")
     bad = indices[int((~finite).nonzero()[0])]

@@ -7,8 +7,22 @@ neighbouring GPUs, and on several nodes a pipeline spans as few nodes as possibl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
-__all__ = ["PipelineTopology"]
+import torch.distributed as dist
+
+__all__ = ["PipelineTopology", "require_process_group"]
+
+
+def require_process_group() -> None:
+    """Refuse to start without torch.distributed: every collective of the pipeline needs it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "the pipeline engine needs an initialised torch.distributed process group: launch with "
+            "`torchrun --nproc_per_node W×R` or `accelerate launch --num_processes W×R`, or use "
+            "timm_local.engine.launch_local on one machine"
+        )
 
 
 @dataclass(frozen=True)
@@ -70,3 +84,17 @@ class PipelineTopology:
     def replica_group_ranks(self, segment: int) -> list[int]:
         """Ranks that run ``segment`` in every replica (they all-reduce its gradients)."""
         return [self.rank_of(segment, r) for r in range(self.num_replicas)]
+
+    def replica_process_group(self, timeout: timedelta | None = None) -> Any:
+        """The process group that averages this rank's segment's gradients over the replicas (None for R = 1).
+
+        Every rank must create every replica group, in the same order (torch.distributed's rule), so each
+        rank builds all W of them and keeps its own.
+        """
+        own = None
+        if self.num_replicas > 1:
+            for segment in range(self.num_segments):
+                group = dist.new_group(self.replica_group_ranks(segment), timeout=timeout)
+                if segment == self.segment:
+                    own = group
+        return own

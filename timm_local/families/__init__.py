@@ -5,6 +5,9 @@ execution order, and (2) how to build a fresh block "like block j" with a given 
 and stride. Adapters are looked up by the model's class, following its MRO, so a subclass of a
 supported model works too; the generic family, registered for ``nn.Module``, takes every timm
 model no specific family does. See docs/families.md for registering your own.
+
+``__all__`` is what a new adapter needs: the base class, the registry and the error a model no adapter
+takes raises; the generic cut's graph machinery is internal.
 """
 from ._registry import (FamilyAdapter, UnsupportedModelError, adapter_for, list_families, register_family,
                         unregister_family)

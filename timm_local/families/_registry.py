@@ -7,6 +7,7 @@ from typing import ClassVar, Sequence, TypeVar
 import torch.nn as nn
 
 from ..errors import UserError
+from ..registry import Registry
 from .spec import BlockSpec, PartitionView
 
 
@@ -58,7 +59,8 @@ class FamilyAdapter(ABC):
         raise NotImplementedError(f"the {self.name!r} family builds copies with make_block_like (copy_rule 'paper')")
 
 
-_ADAPTERS: dict[type, FamilyAdapter] = {}
+#: Adapters by model class; :func:`adapter_for` walks a model's MRO through it (its own error, not ``lookup``'s).
+_ADAPTERS: Registry[type, FamilyAdapter] = Registry()
 _A = TypeVar("_A", bound=type[FamilyAdapter])
 
 
@@ -66,7 +68,7 @@ def register_family(adapter_cls: _A) -> _A:
     """Class decorator: register an adapter for every class in its ``model_classes``."""
     adapter = adapter_cls()
     for cls in adapter_cls.model_classes:
-        _ADAPTERS[cls] = adapter
+        _ADAPTERS.register(cls, adapter)
     return adapter_cls
 
 
@@ -74,7 +76,7 @@ def unregister_family(adapter_cls: type[FamilyAdapter]) -> None:
     """Remove what ``register_family(adapter_cls)`` registered (an experiment in a notebook or a test)."""
     for cls in adapter_cls.model_classes:
         if type(_ADAPTERS.get(cls)) is adapter_cls:
-            del _ADAPTERS[cls]
+            _ADAPTERS.unregister(cls)
 
 
 def list_families() -> list[str]:

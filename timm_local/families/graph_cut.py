@@ -41,7 +41,7 @@ __all__ = ["cut_forward_features"]
 _NamedBlocks = list[tuple[str, nn.Module]]
 
 
-class _Tracked:
+class _TracedFeatures:
     """The traced graph of ``forward_features`` and what is known about its nodes."""
 
     def __init__(self, model: nn.Module, input_size: Sequence[int]) -> None:
@@ -56,21 +56,21 @@ class _Tracked:
         self._expand()
 
     # ------------------------------------------------------------------ module facts
-    def obj(self, node: fx.Node) -> Any:
+    def target_of(self, node: fx.Node) -> Any:
         if node.target in self.constants:
             return self.constants[node.target]
         return _resolve(self.model, node.target)
 
-    def groups(self, node: fx.Node) -> set[int]:
+    def block_groups(self, node: fx.Node) -> set[int]:
         """Blocks whose parameters a module call uses. A parameter read directly (a class token, a
         position embedding) belongs to the block where it is used, whatever group timm gives it."""
         if node.op != "call_module":
             return set()
-        params = self.obj(node).parameters()
+        params = self.target_of(node).parameters()
         return {g for g in (self.param_group.get(id(p)) for p in params) if g is not None}
 
-    def params(self, node: fx.Node) -> set[int]:
-        return node_parameters(node, self.obj)
+    def parameter_ids(self, node: fx.Node) -> set[int]:
+        return node_parameters(node, self.target_of)
 
     # ------------------------------------------------------------------ container expansion
     def _expand(self) -> None:
@@ -83,9 +83,9 @@ class _Tracked:
         while changed:
             changed = False
             for node in list(self.graph.nodes):
-                if node.op == "call_module" and node.target not in self.opaque and len(self.groups(node)) > 1:
+                if node.op == "call_module" and node.target not in self.opaque and len(self.block_groups(node)) > 1:
                     try:
-                        inline_call(self.graph, node, self.obj(node), self.constants)
+                        inline_call(self.graph, node, self.target_of(node), self.constants)
                         changed = True
                     except TraceFailure as e:
                         self.opaque[node.target] = str(e)
@@ -104,65 +104,68 @@ class _NodeFacts:
     """What the cut needs to know about one node of the traced graph."""
 
     position: int  # in the body (the input is -1, the output one past the last body node)
-    depends: bool = False  # computed from the input
-    valued: bool = False  # from the input's values, not only from its shape
-    carries: bool = False  # holds a parameter: uses one, or is computed from one without reading a shape
+    from_input: bool = False  # computed from the input
+    from_input_values: bool = False  # from the input's values, not only from its shape
+    holds_parameter: bool = False  # uses a parameter, or is computed from one without reading a shape
     last_use: int = -1  # position of the last node that reads it
 
 
-class _Cutter:
-    """Single-tensor cut points of the tracked graph and the segments between them."""
+class _BlockSplitter:
+    """Splits the traced graph into local blocks: its single-tensor cut points, the segments between them,
+    and a module for each segment."""
 
-    def __init__(self, tracked: _Tracked, input_size: Sequence[int]) -> None:
-        self.t = tracked
+    def __init__(self, traced: _TracedFeatures, input_size: Sequence[int]) -> None:
+        self.traced = traced
         self.input_size = tuple(input_size)
         self._probe: Optional[ProbeValues] = None
-        nodes = list(tracked.graph.nodes)
+        nodes = list(traced.graph.nodes)
         self.input = next(n for n in nodes if n.op == "placeholder")
         self.output = next(n for n in nodes if n.op == "output")
         if not isinstance(self.output.args[0], fx.Node):
             kind = "tuple" if isinstance(self.output.args[0], tuple) else "list"
             raise TraceFailure(
-                f"{type(tracked.model).__name__}.forward_features returns a {kind} of "
+                f"{type(traced.model).__name__}.forward_features returns a {kind} of "
                 f"{len(self.output.args[0])} tensors, not one tensor")
         self.body = [n for n in nodes if n.op not in ("placeholder", "output")]
         self.facts = {n: _NodeFacts(i) for i, n in enumerate(self.body)}
-        self.facts[self.input] = _NodeFacts(-1, depends=True, valued=True)
+        self.facts[self.input] = _NodeFacts(-1, from_input=True, from_input_values=True)
         self.facts[self.output] = _NodeFacts(len(self.body))
         for n in self.body:
             inputs = [self.facts[a] for a in n.all_input_nodes]
             facts = self.facts[n]
-            facts.depends = any(a.depends for a in inputs)
-            facts.valued = not _reads_shape(n) and any(a.valued for a in inputs)
-            facts.carries = bool(tracked.params(n)) or (not _reads_shape(n) and any(a.carries for a in inputs))
+            facts.from_input = any(a.from_input for a in inputs)
+            facts.from_input_values = not _reads_shape(n) and any(a.from_input_values for a in inputs)
+            facts.holds_parameter = bool(traced.parameter_ids(n)) or (
+                not _reads_shape(n) and any(a.holds_parameter for a in inputs))
         for n in [self.input, *self.body]:
             self.facts[n].last_use = max((self.facts[u].position for u in n.users), default=-1)
 
     def probe(self) -> ProbeValues:
         if self._probe is None:
-            root = {n.target: self.t.obj(n) for n in self.t.graph.nodes if n.op in ("call_module", "get_attr")}
-            self._probe = ProbeValues(self.t.model, self.t.graph, root, self.input_size)
+            root = {n.target: self.traced.target_of(n)
+                    for n in self.traced.graph.nodes if n.op in ("call_module", "get_attr")}
+            self._probe = ProbeValues(self.traced.model, self.traced.graph, root, self.input_size)
         return self._probe
 
     def crossing(self, p: int) -> Optional[fx.Node]:
-        """The one input-valued tensor live after body[p], or None if the cut is not single-valued.
+        """The one tensor from the input's values live after body[p], or None if the cut is not single-valued.
 
         Besides it, only values that need no input (recomputed after the cut) or that depend on the
         input's *shape* alone (a rotary embedding for the token grid, a grid size: fixed at the probe
         size, see :class:`~.probe_values.ProbeValues`) may be live, and none of them may hold a parameter.
         """
         live = [n for n in [self.input, *self.body[: p + 1]] if self.facts[n].last_use > p]
-        if any(self.facts[n].carries for n in live if not self.facts[n].depends):
+        if any(self.facts[n].holds_parameter for n in live if not self.facts[n].from_input):
             return None  # a parameter used on both sides
-        dependent = [n for n in live if self.facts[n].depends]
-        if len(dependent) == 1 and self.facts[dependent[0]].valued:
+        dependent = [n for n in live if self.facts[n].from_input]
+        if len(dependent) == 1 and self.facts[dependent[0]].from_input_values:
             return None if _unpacked(dependent[0]) else dependent[0]
-        rest = [n for n in dependent if not self.fixable(n)]
+        rest = [n for n in dependent if not self.may_fix_at_probe_value(n)]
         if len(rest) != 1 or rest[0].name not in self.probe().shapes:
             return None
         return rest[0]
 
-    def fixable(self, node: fx.Node) -> bool:
+    def may_fix_at_probe_value(self, node: fx.Node) -> bool:
         """Whether ``node`` may be fixed at its probe value: it is the same for two different probe
         batches and carries no gradient -- shape-derived tensors computed without parameters (a
         rotary table) and plain Python values (a token grid size a patch embedding returns) -- or it
@@ -170,10 +173,10 @@ class _Cutter:
         probe = self.probe()
         if probe.is_batch(node):
             return True
-        if not probe.fixed(node):
+        if not probe.same_at_both_probes(node):
             return False
         if node.name in probe.shapes:  # a tensor
-            return not self.facts[node].valued and not self.facts[node].carries
+            return not self.facts[node].from_input_values and not self.facts[node].holds_parameter
         return True
 
     def segments(self) -> list[tuple[int, int]]:
@@ -195,7 +198,7 @@ class _Cutter:
         """Body index span of each block group, overlapping spans merged, in execution order."""
         spans: dict[int, list[int]] = {}
         for n in self.body:
-            groups = self.t.groups(n)
+            groups = self.traced.block_groups(n)
             if len(groups) > 1:  # an opaque container: its groups become one block
                 merged = min(groups)
                 for g in groups:
@@ -215,7 +218,7 @@ class _Cutter:
 
     def _merge_structural(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Join what is not a block to its neighbour, and segments that share a parameter."""
-        segments = merge_segments([segment_of(self.body, a, b, self.t.obj) for a, b in ranges])
+        segments = merge_segments([segment_of(self.body, a, b, self.traced.target_of) for a, b in ranges])
         return [(s.first, s.last) for s in segments]
 
     # ------------------------------------------------------------------ building the blocks
@@ -230,15 +233,15 @@ class _Cutter:
 
     def _name(self, nodes: list[fx.Node]) -> str:
         """First and last module of a block, each shortened to its largest ancestor inside the block."""
-        owned = set().union(*(self.t.params(n) for n in nodes))
+        owned = set().union(*(self.traced.parameter_ids(n) for n in nodes))
         names: list[str] = []
         for n in nodes:
-            if n.op != "call_module" or not self.t.params(n):
+            if n.op != "call_module" or not self.traced.parameter_ids(n):
                 continue
             name = n.target
             while "." in name:
                 parent = name.rsplit(".", 1)[0]
-                if not {id(p) for p in _resolve(self.t.model, parent).parameters()} <= owned:
+                if not {id(p) for p in _resolve(self.traced.model, parent).parameters()} <= owned:
                     break
                 name = parent
             if name not in names:
@@ -251,7 +254,7 @@ class _Cutter:
         if not fixed and len(chain) == len(needed) and all(
             n.args == ((source if i == 0 else chain[i - 1]),) and not n.kwargs for i, n in enumerate(chain)
         ) and chain and chain[-1] is result:
-            modules = [self.t.obj(n) for n in chain]
+            modules = [self.traced.target_of(n) for n in chain]
             return modules[0] if len(modules) == 1 else nn.Sequential(*modules)
         graph = fx.Graph()
         x = graph.placeholder("x")
@@ -275,12 +278,12 @@ class _Cutter:
             new.args = fx.node.map_aggregate(new.args, lambda a: device if isinstance(a, torch.device) else a)
             new.kwargs = fx.node.map_aggregate(new.kwargs, lambda a: device if isinstance(a, torch.device) else a)
             env[n] = new
-            if n.op == "get_attr" and n.target in self.t.constants:  # follow the input's device
+            if n.op == "get_attr" and n.target in self.traced.constants:  # follow the input's device
                 env[n] = graph.call_method("to", (new, device))
             if n.op in ("call_module", "get_attr"):
-                root[n.target] = self.t.obj(n)
+                root[n.target] = self.traced.target_of(n)
         graph.output(env[result])
-        return fx.GraphModule(root, graph, class_name=f"{type(self.t.model).__name__}Segment")
+        return fx.GraphModule(root, graph, class_name=f"{type(self.traced.model).__name__}Segment")
 
     def _needed(self, source: fx.Node, result: fx.Node, start: int) -> tuple[list[fx.Node], list[fx.Node]]:
         """Nodes that compute ``result`` from ``source``, in order, and the shape-fixed values from
@@ -292,7 +295,7 @@ class _Cutter:
             n = stack.pop()
             if n in seen or n in fixed or n is source:
                 continue
-            if self.facts[n].position < start and self.facts[n].depends and self.fixable(n):
+            if self.facts[n].position < start and self.facts[n].from_input and self.may_fix_at_probe_value(n):
                 fixed.add(n)
                 continue
             if n is self.input:
@@ -321,17 +324,17 @@ def _reads_shape(node: fx.Node) -> bool:
 def cut_forward_features(model: nn.Module, input_size: Sequence[int]) -> _NamedBlocks:
     """(name, module) of the local blocks of ``model`` for ``(C, H, W)`` inputs; raises
     :class:`TraceFailure` with the reason when it cannot cut the model."""
-    cutter = _Cutter(_Tracked(model, input_size), input_size)
-    ranges = cutter.segments()
+    splitter = _BlockSplitter(_TracedFeatures(model, input_size), input_size)
+    ranges = splitter.segments()
     if len(ranges) < 2:
-        tracked = cutter.t
-        if tracked.opaque:  # the blocks are inside a container that could not be opened
-            raise TraceFailure("; ".join(f"its blocks are inside {t}, which cannot be cut: {why}"
-                                         for t, why in tracked.opaque.items()))
+        traced = splitter.traced
+        if traced.opaque:  # the blocks are inside a container that could not be opened
+            raise TraceFailure("; ".join(f"its blocks are inside {target}, which cannot be cut: {why}"
+                                         for target, why in traced.opaque.items()))
         raise TraceFailure(
             f"forward_features of {type(model).__name__} has no single-tensor boundary between any two of "
             "its blocks (its blocks pass several tensors to each other), so it is one local block"
         )
-    return cutter.build(ranges)
+    return splitter.build(ranges)
 
 

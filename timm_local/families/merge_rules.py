@@ -21,12 +21,12 @@ __all__ = ["MERGE_RULES", "Segment", "join_lone_layer_to_next", "join_no_compute
            "join_parameter_sharers", "merge_segments", "node_parameters", "segment_of"]
 
 
-def node_parameters(node: fx.Node, obj: Callable[[fx.Node], Any]) -> set[int]:
+def node_parameters(node: fx.Node, target_of: Callable[[fx.Node], Any]) -> set[int]:
     """Ids of the parameters a node uses: a module call's, or a parameter it reads directly."""
     if node.op == "call_module":
-        return {id(p) for p in obj(node).parameters()}
-    if node.op == "get_attr" and isinstance(obj(node), nn.Parameter):
-        return {id(obj(node))}
+        return {id(p) for p in target_of(node).parameters()}
+    if node.op == "get_attr" and isinstance(target_of(node), nn.Parameter):
+        return {id(target_of(node))}
     return set()
 
 
@@ -44,11 +44,11 @@ class Segment:
         return Segment(self.first, later.last, self.compute + later.compute, self.params | later.params)
 
 
-def segment_of(body: Sequence[fx.Node], first: int, last: int, obj: Callable[[fx.Node], Any]) -> Segment:
-    """The :class:`Segment` of ``body[first..last]``; ``obj`` gives a node's module or attribute."""
+def segment_of(body: Sequence[fx.Node], first: int, last: int, target_of: Callable[[fx.Node], Any]) -> Segment:
+    """The :class:`Segment` of ``body[first..last]``; ``target_of`` gives a node's module or attribute."""
     nodes = body[first: last + 1]
-    compute = sum(compute_layers(obj(n)) for n in nodes if n.op == "call_module")
-    return Segment(first, last, compute, frozenset().union(*(node_parameters(n, obj) for n in nodes)))
+    compute = sum(compute_layers(target_of(n)) for n in nodes if n.op == "call_module")
+    return Segment(first, last, compute, frozenset().union(*(node_parameters(n, target_of) for n in nodes)))
 
 
 _Rule = Callable[[list[Segment], int], Optional[list[Segment]]]

@@ -55,16 +55,17 @@ class ProbeValues:
                 runs.append(recorder)
         self.values = runs[0].values
         self.shapes = runs[0].shapes
-        self._same = {k for k, v in runs[0].values.items() if _equal(v, runs[1].values.get(k))}
-        self._batch = {k for k, v in runs[0].values.items()
-                       if type(v) is int and v == 1 and runs[1].values.get(k) == 2}
+        self._same_at_both = {k for k, v in runs[0].values.items() if _equal(v, runs[1].values.get(k))}
+        self._batch_sizes = {k for k, v in runs[0].values.items()
+                             if type(v) is int and v == 1 and runs[1].values.get(k) == 2}
 
     def is_batch(self, node: fx.Node) -> bool:
         """An integer equal to the batch size at both probes (``B = x.shape[0]``)."""
-        return node.name in self._batch
+        return node.name in self._batch_sizes
 
-    def fixed(self, node: fx.Node) -> bool:
-        return node.name in self._same
+    def same_at_both_probes(self, node: fx.Node) -> bool:
+        """The value does not change with the batch size: a candidate for a constant after a cut."""
+        return node.name in self._same_at_both
 
 
 class _Recorder(fx.Interpreter):

@@ -1,4 +1,10 @@
-"""Local learning rules, in a registry by name (``list_methods()``)."""
+"""Local learning rules, in a registry by name (``list_methods()``).
+
+``__all__`` is what a new rule needs (docs/contributing.md, "A local learning rule"): the classes it
+subclasses or returns (:class:`LocalMethod`, :class:`LocalStage`, :class:`LocalHead`) and the registry
+(:func:`register_method`, :func:`create_method`, :func:`list_methods`). The rules themselves are reached
+through the registry by name, never imported.
+"""
 from .base import (
     LocalHead,
     LocalMethod,

@@ -42,8 +42,8 @@ def next_downsampling(specs: Sequence[BlockSpec], index: int) -> BlockSpec | Non
     return None
 
 
-#: The methods whose auxiliary networks work on any block output layout (tokens included).
-LAYOUT_FREE_METHODS = ("auglocal", "bp", "checkpoint")
+#: The methods whose auxiliary networks work on token outputs (MAN++ on models whose blocks all output tokens).
+LAYOUT_FREE_METHODS = ("auglocal", "bp", "checkpoint", "man_pp")
 
 
 def require_feature_maps(partition: Partition, blocks: Sequence[int], method: str) -> None:
@@ -95,13 +95,14 @@ def per_block_stages(
 
 def module_stages(
     partition: Partition, ends: Sequence[int], make_head: Callable[[int, int], LocalHead], method: str = "this method",
-    channels_first: bool = True,
+    channels_first: bool = True, feature_maps: bool = True,
 ) -> list[LocalStage]:
     """One stage per local module (``ends``: each module's last block), a head on every module but the last.
 
     ``make_head(index, k)`` builds module ``k``'s head on the output of its last block ``index``; the last
     module and the network's top form the final stage. ``channels_first``: heads on channels-last maps see
     them permuted (:class:`ChannelsFirst`); False for heads that feed the map to copies of later blocks.
+    ``feature_maps``: the heads need (C, H, W) maps, so token outputs are refused; False for token heads.
     """
     n = len(partition)
     if n < 2:
@@ -109,7 +110,8 @@ def module_stages(
             f"a per-block local method needs at least 2 local blocks, but the partition of "
             f"{type(partition.model).__name__} has {n}; use method='bp' for this model"
         )
-    require_feature_maps(partition, ends[:-1], method)
+    if feature_maps:
+        require_feature_maps(partition, ends[:-1], method)
     stages, start = [], 0
     for k, index in enumerate(ends[:-1]):
         head = make_head(index, k)
@@ -120,6 +122,16 @@ def module_stages(
         start = index + 1
     stages.append(LocalStage(list(range(start, n))))
     return stages
+
+
+def parameter_pairs(copy: nn.Module, primary: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """(copy's parameter, primary's parameter) in module order, as MAN's official ``zip`` pairs them."""
+    pairs = list(zip(copy.parameters(), primary.parameters()))
+    if len(pairs) != len(list(primary.parameters())) or len(pairs) != len(list(copy.parameters())) or any(
+            a.shape != b.shape for a, b in pairs):
+        raise ValueError(f"the momentum copy of {type(primary).__name__} does not have its parameters; MAN needs "
+                         "copies of the next block with the block's own input shape")
+    return pairs
 
 
 # --------------------------------------------------------------------------- InfoPro loss weights

@@ -46,10 +46,10 @@ def validate_hparams(aux_depth: int, tau: float) -> None:
 #: Which blocks get an auxiliary network. "cifar": blocks 0..K-2 with K = N - D, the last D+1 blocks
 #: trained jointly by the network's loss (docs/spec.md §2.1, the authors' CIFAR code). "imagenet": every
 #: block but the last, as the authors' ImageNet script (exp_imagenet) does, with no BatchNorm1d in heads.
-HEAD_RULES = ("cifar", "imagenet")
+_HEAD_RULES = ("cifar", "imagenet")
 
 
-def num_local_stages_with_heads(num_blocks: int, aux_depth: int, heads: str = "cifar") -> int:
+def _num_local_stages_with_heads(num_blocks: int, aux_depth: int, heads: str = "cifar") -> int:
     """Number of auxiliary networks: K - 1 (blocks 0..K-2, K = N - D), or N - 1 for ``heads="imagenet"``."""
     if heads == "imagenet":
         if num_blocks < 2:
@@ -72,7 +72,7 @@ def pyramid_depths(num_blocks: int, aux_depth: int, tau: float, heads: str = "ci
     """
     validate_hparams(aux_depth, tau)
     d_blocks = aux_depth - 1
-    n_heads = num_local_stages_with_heads(num_blocks, aux_depth, heads)
+    n_heads = _num_local_stages_with_heads(num_blocks, aux_depth, heads)
     span = max(1, n_heads - 1)  # K-2; a single head (K=2) keeps the full depth
     return [max(1, round(d_blocks - tau * (d_blocks - 1) * i / span)) for i in range(n_heads)]
 
@@ -177,7 +177,7 @@ class AugLocalHead(LocalHead):
     """Copied blocks → global average pool → flatten → (BatchNorm1d) → [MLP] → linear.
 
     ``norm`` says whether BatchNorm1d precedes the classifier; the paper (and its code) puts it only
-    in one-block heads (docs/spec.md §2.6), see :data:`HEAD_NORM_RULES`.
+    in one-block heads (docs/spec.md §2.6), see :data:`_HEAD_NORM_RULES`.
     ``hidden`` > 0 inserts the two hidden fully connected layers of a VGG-style classifier at that
     width: the paper's VGG13 on ImageNet gives its auxiliary classifiers width 512 instead of VGG's
     4096 (docs/spec.md §5). 0, the default, is the head of §2.6.
@@ -210,7 +210,7 @@ def head_pooling(partition: Partition) -> HeadPooling | None:
 # Whether BatchNorm1d sits before an auxiliary classifier. "paper": only in one-block heads (§2.6).
 # "always" is ours: at short budgets a deeper head whose last copied block changes shape (projection
 # shortcut) trains markedly slower without it -- measured in docs/accuracy.md.
-HEAD_NORM_RULES = ("paper", "always", "never")
+_HEAD_NORM_RULES = ("paper", "always", "never")
 
 
 def build_auglocal_head(partition: Partition, plan: AuxPlan, num_classes: int, hidden: int = 0,
@@ -255,11 +255,11 @@ class AugLocal(LocalModules, LocalMethod):
         if not isinstance(head_hidden, int) or isinstance(head_hidden, bool) or head_hidden < 0:
             raise ValueError(f"head_hidden (width of the auxiliary classifier's two hidden layers) must be an "
                              f"integer >= 0, got {head_hidden!r}; 0 = pool + linear as in the paper's CIFAR heads")
-        if head_norm not in HEAD_NORM_RULES:
-            raise ValueError(f"head_norm must be one of {HEAD_NORM_RULES}, got {head_norm!r}; 'paper' puts "
+        if head_norm not in _HEAD_NORM_RULES:
+            raise ValueError(f"head_norm must be one of {_HEAD_NORM_RULES}, got {head_norm!r}; 'paper' puts "
                              f"BatchNorm1d only in one-block heads (docs/spec.md §2.6)")
-        if heads not in HEAD_RULES:
-            raise ValueError(f"heads must be one of {HEAD_RULES}, got {heads!r}: 'cifar' gives blocks 0..K-2 "
+        if heads not in _HEAD_RULES:
+            raise ValueError(f"heads must be one of {_HEAD_RULES}, got {heads!r}: 'cifar' gives blocks 0..K-2 "
                              f"an auxiliary network (K = N - D), 'imagenet' every block but the last")
         self.aux_depth = aux_depth
         self.tau = float(tau)

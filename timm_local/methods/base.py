@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..partition import Partition
+from ..registry import Registry
 
 
 def classification_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -97,7 +98,8 @@ class LocalMethod(ABC):
         return {}
 
 
-_METHODS: dict[str, type[LocalMethod]] = {}
+_METHODS: Registry[str, type[LocalMethod]] = Registry(
+    lambda name, known: ValueError(f"unknown method {name!r}; registered methods: {', '.join(known)}"))
 _M = TypeVar("_M", bound=type[LocalMethod])
 
 
@@ -106,21 +108,18 @@ def register_method(name: str) -> Callable[[_M], _M]:
 
     def decorator(cls: _M) -> _M:
         cls.name = name
-        _METHODS[name] = cls
-        return cls
+        return _METHODS.register(name, cls)
 
     return decorator
 
 
 def list_methods() -> list[str]:
-    return sorted(_METHODS)
+    return _METHODS.names()
 
 
-def method_class(name: str) -> type[LocalMethod]:
+def _method_class(name: str) -> type[LocalMethod]:
     """The registered class of method ``name``, or an error listing the registered methods."""
-    if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(list_methods())}")
-    return _METHODS[name]
+    return _METHODS.lookup(name)
 
 
 def method_hyperparameters(name: str) -> dict[str, Any]:
@@ -130,14 +129,14 @@ def method_hyperparameters(name: str) -> dict[str, Any]:
     (e.g. the paper's ``aux_depth`` / ``tau`` go only to methods that declare them), never by trying
     a construction and reading a ``TypeError``, which a real error inside a constructor would fake.
     """
-    signature = inspect.signature(method_class(name).__init__)
+    signature = inspect.signature(_method_class(name).__init__)
     return {p.name: p.default for p in list(signature.parameters.values())[1:]
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def create_method(name: str, **kwargs: Any) -> LocalMethod:
     """Instantiate a registered method; hyper-parameters it does not declare are an error."""
-    cls = method_class(name)
+    cls = _method_class(name)
     declared = method_hyperparameters(name)
     unknown = sorted(set(kwargs) - set(declared))
     if unknown:

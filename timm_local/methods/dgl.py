@@ -50,7 +50,7 @@ class DGLHead(LocalHead):
         return self.mlp(x)
 
 
-def build_dgl_head(partition: Partition, index: int, num_classes: int) -> DGLHead:
+def _build_dgl_head(partition: Partition, index: int, num_classes: int) -> DGLHead:
     """DGL head for block ``index``: width from its BlockSpec, MLP input size from its map size."""
     h, w = block_feature_size(partition, index)
     mlp_in_size = min(2, math.ceil(min(h, w) / 4))
@@ -69,4 +69,4 @@ class DGL(LocalModules, LocalMethod):
 
     def build(self, partition: Partition, num_classes: int) -> list[LocalStage]:
         return module_stages(partition, self.module_ends(partition),
-                             lambda index, k: build_dgl_head(partition, index, num_classes), self.name)
+                             lambda index, k: _build_dgl_head(partition, index, num_classes), self.name)

@@ -23,10 +23,11 @@ import torch
 import torch.nn as nn
 
 from ..partition import Partition
-from ._shared import InfoProDecoder, module_stages
+from ._shared import InfoProDecoder, module_stages, parameter_pairs
 from .auglocal import downsampling_strides
 from .base import LocalHead, LocalMethod, LocalStage, classification_loss, register_method
 from .infopro import InfoProClassifier, ReconstructionWeights, classifier_width, infopro_conv
+from .man_tokens import TOKEN_MOMENTUM, is_token_model, token_module_ends, token_stages
 from .modules import LocalModules
 
 
@@ -37,16 +38,6 @@ def next_block_copy(partition: Partition, end: int) -> nn.Module:
         return partition.make_shaped_copy(j, partition.specs[end])
     stride = downsampling_strides(end, (j,), partition.specs)[0]
     return partition.make_block_like(j, partition.specs[end].out_chs, stride)
-
-
-def parameter_pairs(copy: nn.Module, primary: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
-    """(copy's parameter, primary's parameter) in module order, as the official ``zip`` pairs them."""
-    pairs = list(zip(copy.parameters(), primary.parameters()))
-    if len(pairs) != len(list(primary.parameters())) or len(pairs) != len(list(copy.parameters())) or any(
-            a.shape != b.shape for a, b in pairs):
-        raise ValueError(f"the momentum copy of {type(primary).__name__} does not have its parameters; MAN needs "
-                         "copies of the next block with the block's own input shape")
-    return pairs
 
 
 class MomentumBlockHead(LocalHead):
@@ -170,12 +161,43 @@ class ScaledMomentumHead(MomentumBlockHead):
 
 @register_method("man_pp")
 class MANPlusPlus(MAN):
-    """MAN++ (JunhaoSu0/MAN_PlusPlus, ``Exp_on_CIFAR-SVHN-STL/networks/resnetInfoPro_MANPP.py``): MAN with a
-    learnable mix s per head, and a stem-level head: the stem is its own local module (whose head copies the
-    first block after it) whatever the split, as the official CNN code does."""
+    """MAN++ (JunhaoSu0/MAN_PlusPlus): MAN with a learnable mix s per head.
+
+    On feature maps, its CNN code (``Exp_on_CIFAR-SVHN-STL/networks/resnetInfoPro_MANPP.py``): a stem-level
+    head too, the stem being its own local module (whose head copies the first block after it) whatever
+    the split. On a model whose blocks all output tokens, its ViT code (:mod:`.man_tokens`).
+    ``momentum`` defaults to the variant's own: 0.999 on maps, 0.995 on tokens.
+    """
 
     head_class = ScaledMomentumHead
 
+    def __init__(self, momentum: float | None = None, weights: str = "auto",
+                 lambda_x: Sequence[float] | None = None, lambda_y: Sequence[float] | None = None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, hidden: int = 128,
+                 local_modules: int | None = None, local_module_ends: Sequence[int] | None = None) -> None:
+        super().__init__(0.999 if momentum is None else momentum, weights, lambda_x, lambda_y, mean, std, hidden,
+                         local_modules, local_module_ends)
+        self.momentum_given = momentum
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "momentum": self.momentum_given}
+
+    def build(self, partition: Partition, num_classes: int) -> list[LocalStage]:
+        if not is_token_model(partition):
+            return super().build(partition, num_classes)
+        momentum = TOKEN_MOMENTUM if self.momentum_given is None else self.momentum
+
+        def copy_block(j: int, source: int) -> nn.Module:
+            return partition.make_shaped_copy(j, partition.specs[source])
+
+        return token_stages(partition, self.module_ends(partition), num_classes, momentum, copy_block, self.name)
+
     def module_ends(self, partition: Partition) -> list[int]:
+        if is_token_model(partition):
+            if self.local_modules is not None and self.local_module_ends is None:
+                ends = token_module_ends(partition, self.local_modules)
+                if ends is not None:
+                    return ends
+            return super().module_ends(partition)
         ends = super().module_ends(partition)
         return ends if ends[0] == 0 else [0, *ends]

@@ -20,12 +20,12 @@ from ..families.copies import fresh_copy
 from ..families.fx_trace import TraceFailure, inline_call, trace_method, training_mode
 from ..partition import Partition
 
-__all__ = ["HeadPooling", "ModelPooling", "MeanPooling"]
+__all__ = ["HeadPooling", "ModelPooling"]
 
 _PRE_LOGITS = {"pre_logits": True}
 
 
-class MeanPooling(nn.Module):
+class _MeanPooling(nn.Module):
     """Mean over every position of a (B, N, C) or (B, H, W, C) output: the fallback pooling."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,9 +65,9 @@ class HeadPooling:
         self._width: int | None = None
 
     def make(self) -> nn.Module:
-        """The model's pre-logits pooling on fresh module copies, or :class:`MeanPooling`."""
+        """The model's pre-logits pooling on fresh module copies, or :class:`_MeanPooling`."""
         if self._recorded is None:
-            return MeanPooling()
+            return _MeanPooling()
         graph, constants = self._recorded
         model = self.partition.model
         root: dict[str, object] = dict(constants)

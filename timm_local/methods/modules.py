@@ -26,7 +26,7 @@ from ..partition import Partition
 #: ``Experiments on ImageNet/networks/resnet.py`` (``k2_infopro``: the head after layer2[k]); ImageNet
 #: K = 4: MAN's ``Exp on ImageNet/networks/configs.py`` (table ``Layer``, whose last entry is the
 #: network's end), which HPFF's ImageNet code uses too.
-OFFICIAL_SPLITS: dict[str, tuple[int, dict[int, tuple[tuple[int, int], ...]]]] = {
+_OFFICIAL_SPLITS: dict[str, tuple[int, dict[int, tuple[tuple[int, int], ...]]]] = {
     "resnet32_cifar": (16, {
         2: ((2, 1),),
         3: ((1, 4), (2, 4)),
@@ -49,7 +49,7 @@ OFFICIAL_SPLITS: dict[str, tuple[int, dict[int, tuple[tuple[int, int], ...]]]] =
 }
 
 
-def official_module_ends(partition: Partition, num_modules: int) -> list[int] | None:
+def _official_module_ends(partition: Partition, num_modules: int) -> list[int] | None:
     """The official split of the partition's model into ``num_modules`` modules, if one is published.
 
     Looked up by the model's timm architecture name and checked against the partition (block count
@@ -57,7 +57,7 @@ def official_module_ends(partition: Partition, num_modules: int) -> list[int] | 
     table made for another depth.
     """
     cfg = getattr(partition.model, "pretrained_cfg", None) or {}
-    entry = OFFICIAL_SPLITS.get(str(cfg.get("architecture", "")))
+    entry = _OFFICIAL_SPLITS.get(str(cfg.get("architecture", "")))
     if entry is None or entry[0] != len(partition) or num_modules not in entry[1]:
         return None
     names = ["stem" if stage == 0 else f"layer{stage}.{layer}" for stage, layer in entry[1][num_modules]]
@@ -86,7 +86,7 @@ def block_macs(partition: Partition) -> list[float]:
     return costs
 
 
-def validate_module_ends(ends: Sequence[int], num_blocks: int) -> list[int]:
+def _validate_module_ends(ends: Sequence[int], num_blocks: int) -> list[int]:
     """Explicit module ends as a list ending at the last block (which may be left out)."""
     ends = [int(e) for e in ends]
     if ends and ends[-1] != num_blocks - 1:
@@ -104,7 +104,7 @@ def resolve_module_ends(
     """Index of the last block of each local module (see the module docstring for the precedence)."""
     n = len(partition)
     if local_module_ends is not None:
-        ends = validate_module_ends(local_module_ends, n)
+        ends = _validate_module_ends(local_module_ends, n)
         if local_modules is not None and len(ends) != local_modules:
             raise ValueError(f"local_module_ends {ends} make {len(ends)} local modules, not local_modules="
                              f"{local_modules}; give one of the two")
@@ -114,7 +114,7 @@ def resolve_module_ends(
     if not 2 <= local_modules <= n:
         raise ValueError(f"local_modules={local_modules} must be in 2..{n}: the model has {n} local blocks "
                          "(1 module is end-to-end training: method 'bp')")
-    official = official_module_ends(partition, local_modules)
+    official = _official_module_ends(partition, local_modules)
     if official is not None:
         return official
     starts = min_max_split(block_macs(partition), local_modules)

@@ -15,7 +15,7 @@ from timm.models.resnet import BasicBlock, downsample_conv
 from ._cfg import cifar_cfg
 from .contract import CifarTimmModel, build_cifar_model
 
-STAGE_NAMES = ("layer1", "layer2", "layer3")
+_STAGE_NAMES = ("layer1", "layer2", "layer3")
 
 
 class CifarResNet(CifarTimmModel):
@@ -40,8 +40,8 @@ class CifarResNet(CifarTimmModel):
         super().__init__()
         if (depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 56, 110, ...), got {depth}")
-        if len(channels) != len(STAGE_NAMES):
-            raise ValueError(f"channels must give one width per stage ({len(STAGE_NAMES)}), got {channels}")
+        if len(channels) != len(_STAGE_NAMES):
+            raise ValueError(f"channels must give one width per stage ({len(_STAGE_NAMES)}), got {channels}")
         blocks_per_stage = (depth - 2) // 6
         self.in_chans = in_chans  # read by timm's export (save_for_hf) and data config
         self.drop_rate = drop_rate
@@ -54,7 +54,7 @@ class CifarResNet(CifarTimmModel):
 
         in_chs = channels[0]
         reduction = 1
-        for stage_idx, (stage_name, out_chs) in enumerate(zip(STAGE_NAMES, channels)):
+        for stage_idx, (stage_name, out_chs) in enumerate(zip(_STAGE_NAMES, channels)):
             stride = 1 if stage_idx == 0 else 2
             reduction *= stride
             blocks = []
@@ -88,11 +88,11 @@ class CifarResNet(CifarTimmModel):
     @torch.jit.ignore
     def feature_segments(self) -> List[List[nn.Module]]:
         stem = nn.Sequential(self.conv1, self.bn1, self.act1)
-        return [[stem]] + [list(getattr(self, name)) for name in STAGE_NAMES]
+        return [[stem]] + [list(getattr(self, name)) for name in _STAGE_NAMES]
 
     @torch.jit.ignore
     def drop_after_feature(self, index: int) -> None:
-        for name in STAGE_NAMES[index:]:
+        for name in _STAGE_NAMES[index:]:
             setattr(self, name, nn.Sequential())  # empty, not Identity: checkpoint_seq iterates it
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from ._cfg import cifar_cfg
 from .contract import CifarTimmModel, build_cifar_model
 
-VGG19_LAYOUT: Tuple[Union[int, str], ...] = (
+_VGG19_LAYOUT: Tuple[Union[int, str], ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M",
 )
 
@@ -35,7 +35,7 @@ class VggConvBlock(nn.Module):
         return self.pool(self.act(self.bn(self.conv(x))))
 
 
-def layout_feature_taps(layout: Sequence[Union[int, str]]) -> List[Tuple[int, int, int]]:
+def _layout_feature_taps(layout: Sequence[Union[int, str]]) -> List[Tuple[int, int, int]]:
     """(block index, channels, reduction) of each feature tap of a VGG layout.
 
     A tap is every block that ends with a max-pool, plus the last block if no pool follows it
@@ -65,7 +65,7 @@ class CifarVgg(CifarTimmModel):
 
     def __init__(
         self,
-        layout: Tuple[Union[int, str], ...] = VGG19_LAYOUT,
+        layout: Tuple[Union[int, str], ...] = _VGG19_LAYOUT,
         num_classes: int = 10,
         in_chans: int = 3,
         global_pool: str = "avg",
@@ -82,7 +82,7 @@ class CifarVgg(CifarTimmModel):
                 pool = i + 1 < len(layout) and layout[i + 1] == "M"
                 blocks.append(VggConvBlock(in_chs, int(item), pool=pool))
                 in_chs = int(item)
-        taps = layout_feature_taps(layout)
+        taps = _layout_feature_taps(layout)
         self.feature_ends = [block for block, _, _ in taps]  # index in self.blocks of each tap
         self.feature_info = [
             dict(num_chs=chs, reduction=reduction, module=f"blocks.{block}") for block, chs, reduction in taps
@@ -122,7 +122,7 @@ default_cfgs = generate_default_cfgs(
 @register_model
 def vgg19_cifar(pretrained: bool = False, **kwargs: Any) -> CifarVgg:
     """VGG19-BN for CIFAR (20.0 M parameters)."""
-    taps = [f"blocks.{block} (stride {reduction})" for block, _, reduction in layout_feature_taps(VGG19_LAYOUT)]
+    taps = [f"blocks.{block} (stride {reduction})" for block, _, reduction in _layout_feature_taps(_VGG19_LAYOUT)]
     return build_cifar_model(
         CifarVgg,
         "vgg19_cifar",
