@@ -21,6 +21,7 @@ checkpoint each resume started from, and the work lost per kill in steps.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -69,12 +70,14 @@ def slow_file_operations(pause: float) -> None:
 
 
 def child(argv: list[str], pause: float) -> int:
+    """tools/train.py in this process (tools/ is not a package), under slowed-down file operations."""
     sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "tests"))
-    from script_loader import load_module
-
     slow_file_operations(pause)
-    return load_module("_train_tool", ROOT / "tools" / "train.py").main(argv)
+    spec = importlib.util.spec_from_file_location("_train_tool", ROOT / "tools" / "train.py")
+    train_tool = importlib.util.module_from_spec(spec)
+    sys.modules["_train_tool"] = train_tool  # dataclasses look their module up while the script runs
+    spec.loader.exec_module(train_tool)
+    return train_tool.main(argv)
 
 
 # ------------------------------------------------------------------------------------------------

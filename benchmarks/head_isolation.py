@@ -45,7 +45,7 @@ class Variant:
 
 
 # Block indices of ResNet-32 (stem 0; 1-5 at 32 px/16 ch; 6-10 at 16 px/32 ch; 11-15 at 8 px/64 ch).
-# The *_paper variants are exactly AugLocal's G_0 at that depth (checked in tests/test_head_isolation.py).
+# The *_paper variants are exactly AugLocal's G_0 at that depth (checked in tests/benchmarks/test_head_isolation.py).
 VARIANTS = {
     "d2_paper": Variant("d=2 as specified: 1 block (copy of 15), BN1d", (15,), (2,)),
     "d4_paper": Variant("d=4 as specified: copies of 5, 10, 15; last block is a projection block", (5, 10, 15), (1, 2, 2)),

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from script_loader import load_module
+from tests.helpers import write_cifar10
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -37,7 +37,6 @@ def _fresh_accelerate_state():
 def cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny CIFAR-10 in torchvision's layout (16 train / 8 test images), written once per session: the
     training tests only read it."""
-    fx = load_module("_fixtures", Path(__file__).with_name("test_data_fixtures.py"))
     root = tmp_path_factory.mktemp("data") / "cifar"
-    fx.write_cifar10(root, n_train=16, n_test=8)
+    write_cifar10(root, n_train=16, n_test=8)
     return root

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,13 +14,11 @@ from timm_local.export import (export_backbone, load_exported, pretrained_cfg_ov
 from timm_local.training import latest_checkpoint, train
 from timm_local.training.checkpoint import load_model_state
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
-from script_loader import load_module as _load
+from tests.helpers import ROOT, load_module as _load, write_cifar10
 
 
-fx = _load("_fixtures", Path(__file__).with_name("test_data_fixtures.py"))
 export_tool = _load("_export_tool", ROOT / "tools" / "export.py")
 push_tool = _load("_push_tool", ROOT / "tools" / "push_to_hub.py")
 
@@ -30,7 +27,7 @@ push_tool = _load("_push_tool", ROOT / "tools" / "push_to_hub.py")
 def run(tmp_path_factory):
     """One tiny AugLocal run on CIFAR-10-layout data at 12x12 (not the architecture's default 32x32)."""
     root = tmp_path_factory.mktemp("export")
-    fx.write_cifar10(root / "data", n_train=8, n_test=4)
+    write_cifar10(root / "data", n_train=8, n_test=4)
     cfg = config_from_dict(dict(dataset="cifar10", data_dir=str(root / "data"), image_size=12, batch_size=8,
                                 epochs=1, workers=0, trackers="none", lr=0.05, method="auglocal", aux_depth=3,
                                 tau=0.5, output_dir=str(root / "run")))

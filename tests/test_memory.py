@@ -10,15 +10,13 @@ import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
-from script_loader import load_module
+from tests.helpers import ROOT, load_module, train_tool
 from timm_local.memory import (CUDA_ALLOC_CONF_DEFAULT, MiB, PEAK_MEMORY_KEYS, allocator_name,
                                default_cuda_alloc_conf, format_bytes)
 from timm_local.process_cost import StepCase, measure_step_case
 from timm_local.training import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 cost_tool = load_module("_cost_tool", ROOT / "tools" / "cost.py")
-train_tool = load_module("_train_tool", ROOT / "tools" / "train.py")
 TINY_CASE = dict(model="resnet20_cifar", method="auglocal", method_kwargs={"aux_depth": 2}, input_size=(3, 16, 16),
                  batch_size=4, steps=2, threads=1)
 

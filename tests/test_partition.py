@@ -70,31 +70,41 @@ def test_wrong_cut_is_detected() -> None:
         register_family(original)
 
 
-def test_unsupported_model_error_names_families_and_guide() -> None:
-    class TinyNet(nn.Module):
-        def forward_features(self, x):
-            return x
+class TinyNet(nn.Module):
+    """A model of no family: the generic cut finds no blocks in it."""
 
+    def forward_features(self, x):
+        return x
+
+
+def _refuse_tiny_net() -> None:
+    partition(TinyNet())
+
+
+def _refuse_crossvit() -> None:
+    # (a ViT is cut by the generic family; CrossViT's two token branches are not one tensor)
+    timm_local.create_local_model(timm.create_model("crossvit_tiny_240", num_classes=10), "auglocal")
+
+
+@pytest.mark.parametrize("refused, class_name", [(_refuse_tiny_net, "TinyNet"), (_refuse_crossvit, "CrossVit")],
+                         ids=["partition_of_a_plain_module", "local_model_of_crossvit"])
+def test_an_unsupported_model_is_refused_naming_every_family_and_the_guide(refused, class_name) -> None:
     with pytest.raises(NotImplementedError) as info:
-        partition(TinyNet())
+        refused()
     message = str(info.value)
-    assert "TinyNet" in message
+    assert class_name in message
     for family in timm_local.list_families():
         assert family in message
     assert "register_family" in message and "docs/families.md" in message
 
 
-
-def test_unsupported_model_is_one_line_and_exit_code_2_at_the_command_line(capsys) -> None:
+def test_an_unsupported_model_is_one_line_and_exit_code_2_at_the_command_line(capsys) -> None:
     from timm_local.cli import command_line_errors, handle_errors
-
-    class TinyNet(nn.Module):
-        def forward_features(self, x):
-            return x
 
     assert handle_errors(lambda _: partition(TinyNet()), [], command_line_errors()) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: timm_local cannot cut a TinyNet into local blocks") and err.count("\n") == 1
+
 
 @pytest.mark.parametrize("index, in_chs, stride", [(30, 16, 2), (54, 32, 1), (54, 64, 2)])
 def test_make_block_like_copies_architecture_not_weights(index, in_chs, stride) -> None:

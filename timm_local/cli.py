@@ -10,7 +10,7 @@ already says what is wrong and what to do; the stack above it only hides that. `
 ``TIMM_LOCAL_DEBUG=1`` re-raises instead, to show the traceback.
 
 Why nothing heavier than the config: the parser and the error report need nothing more, and the module
-stays at the top of the layers (tests/test_layers.py). Torch still loads first, because importing the
+stays at the top of the layers (tests/project/test_layers.py). Torch still loads first, because importing the
 package registers the ``*_cifar`` models in timm's registry, which timm users expect from ``import timm_local``.
 """
 from __future__ import annotations

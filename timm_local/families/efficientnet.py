@@ -12,7 +12,7 @@ feature extractor (timm runs it in ``forward_features``), exactly like the stem,
 both is what gives the paper's L for MobileNetV2 (stem + 17 blocks + head conv = 19). The
 paper's EfficientNet-B0 (the pytorch-cifar model, L = 17) has no head convolution at all, while
 timm's ``efficientnet_b0`` does, so timm's gets one more local block (18); see
-tests/test_families.py for the pinned counts.
+tests/families/test_adapters.py for the pinned counts.
 
 Auxiliary copies are built with timm's own block classes, with the configuration read back from
 the primary block (kernel sizes, expansion ratio, group size, SE reduction, activation, norm and
