@@ -268,7 +268,7 @@ class AugLocal(LocalModules, LocalMethod):
         self.heads = heads
 
     def config(self) -> dict[str, Any]:
-        # extensions only when used, so checkpoints written before they existed still match on resume
+        # the paper's settings always, an extension only when used: method_config names what departs from the paper
         extras: dict[str, Any] = {"head_hidden": self.head_hidden} if self.head_hidden else {}
         if self.head_norm != "paper":
             extras["head_norm"] = self.head_norm
