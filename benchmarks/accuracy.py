@@ -220,7 +220,8 @@ def ordering_checks(groups: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         add(f"{a} > {b}{why}", (a, b), lambda f: f[a] > f[b])
 
     aug = [name for _, name in sorted((g["runs"][0]["aux_depth"], name) for name, g in groups.items()
-                                      if g["runs"][0]["method"] == "auglocal")]
+                                      if g["runs"][0]["method"] == "auglocal"
+                                      and not g["runs"][0].get("local_modules"))]  # the paper's claims are at K = N
     if aug:
         deep = aug[-1]
         add(f"goal: BP - {deep} <= (BP - DGL) / 3", ("bp", deep, "dgl"),
@@ -276,12 +277,15 @@ def plot_curves(groups: dict[str, dict[str, Any]], title: str, path: Path) -> No
     import matplotlib.pyplot as plt
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, g in groups.items():
+    colours = plt.get_cmap("tab20").colors  # more groups than tab10 has colours; K < N runs dashed
+    for i, (name, g) in enumerate(groups.items()):
         acc = np.array([r["curve_top1"] for r in g["runs"]])
         loss = np.array([r["curve_train_loss"] for r in g["runs"]])
         epochs, loss_epochs = g["runs"][0]["curve_epoch"], range(1, loss.shape[1] + 1)
-        line, = ax_acc.plot(epochs, acc.mean(0), marker="o", label=name)
-        ax_loss.plot(loss_epochs, loss.mean(0), marker="o", label=name, color=line.get_color())
+        style = dict(marker="o", label=name, color=colours[(2 * i) % 20 + (2 * i) // 20],
+                     linestyle="--" if g["runs"][0].get("local_modules") else "-")
+        line, = ax_acc.plot(epochs, acc.mean(0), **style)
+        ax_loss.plot(loss_epochs, loss.mean(0), **style)
         if len(acc) > 1:
             ax_acc.fill_between(epochs, acc.min(0), acc.max(0), alpha=0.15, color=line.get_color())
             ax_loss.fill_between(loss_epochs, loss.min(0), loss.max(0), alpha=0.15, color=line.get_color())

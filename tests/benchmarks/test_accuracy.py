@@ -102,9 +102,11 @@ def test_local_module_specs_name_runs_labels_and_papers_claims():
     runs = [dict(run("infopro", None, s, 75.0 + s), local_modules=4) for s in (0, 1)]
     runs += [dict(run("man", None, s, 76.0 - 2 * s), local_modules=4) for s in (0, 1)]
     runs += [run("hpff", None, 0, 70.0), run("infopro", None, 0, 71.0)]
+    runs += [run("auglocal", 2, 0, 80.0), dict(run("auglocal", 2, 0, 82.0), local_modules=4)]
     groups = acc.group_runs(runs)
-    assert list(groups) == ["infopro K=4", "man K=4", "hpff", "infopro"]
+    assert list(groups) == ["infopro K=4", "man K=4", "hpff", "infopro", "auglocal d=2", "auglocal d=2 K=4"]
     checks = {c["claim"]: c for c in acc.ordering_checks(groups)}
+    assert not any("K=4 (deeper" in claim or "K=4 > auglocal" in claim for claim in checks)  # depth claims at K = N
     man = checks["man K=4 > infopro K=4 (same K)"]  # seed 0: 76 > 75 holds; seed 1: 74 > 76 fails
     assert (man["on_means"], man["seeds_holding"], man["seeds"]) == (False, 1, 2)
     assert checks["hpff > infopro (same K)"]["on_means"] is False
