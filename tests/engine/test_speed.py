@@ -37,12 +37,14 @@ def assert_same_step(reference: timm_local.LocalModel, other: timm_local.LocalMo
     torch.testing.assert_close(torch.stack(out.losses), torch.stack(out_ref.losses), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.logits, out_ref.logits, rtol=1e-4, atol=1e-5)
     # float32 rounding relative to the model's gradient scale (a bias in front of a batch norm has a
-    # gradient that is zero up to rounding, so its own scale is no yardstick)
+    # gradient that is zero up to rounding, so its own scale is no yardstick). The rounding depends on the
+    # CPU's kernels: up to 1.2e-5 x scale measured (DGL's heads, oneDNN on an AVX2 machine), so 1e-4 x scale;
+    # a layout mistake moves gradients by the order of the scale itself.
     scale = max(float(p.grad.abs().max()) for p in reference.parameters() if p.grad is not None)
     for (name, p_ref), p in zip(reference.named_parameters(), other.parameters()):
         assert (p.grad is None) == (p_ref.grad is None), name
         if p.grad is not None:
-            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-3, atol=1e-5 * scale, msg=name)
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-3, atol=1e-4 * scale, msg=name)
 
 
 @pytest.mark.parametrize("method,kwargs", [("auglocal", {"aux_depth": 2}), ("dgl", {}), ("infopro", {}),
