@@ -252,7 +252,8 @@ def render_markdown(meta: dict[str, Any], groups: dict[str, dict[str, Any]], che
              f"seeds {seeds} (the seed sets initialisation and data order; the training subset is the same for "
              f"all). Machine: {meta['machine']}. Produced by `benchmarks/accuracy.py`. Train time is the wall time "
              f"of each run's training loop with {jobs} runs in parallel, one thread each, on a shared machine: "
-             "a rough guide only (benchmarks/results/cost_table_* compares speed properly).", "",
+             "a rough guide only (benchmarks/results/cost_table_* compares speed properly)."
+             + (f" Every run also had `{' '.join(meta['extra_flags'])}`." if meta.get("extra_flags") else ""), "",
              "| method | final top-1 % (mean ± std over seeds) | per seed | best top-1 % | GMACs/sample | train time s |",
              "|---|---|---|---|---|---|"]
     for name, g in groups.items():
@@ -307,7 +308,7 @@ def write_results(args: argparse.Namespace, runs: list[dict[str, Any]], subset: 
     machine = f"{platform.processor() or platform.machine()}, {platform.system()}, python {platform.python_version()}"
     meta = {"dataset": args.dataset, "model": args.model, "epochs": args.epochs, "train_subset": subset or "all",
             "batch_size": args.batch_size, "lr": args.lr, "warmup_epochs": args.warmup_epochs, "tau": args.tau,
-            "image_size": args.image_size, "seeds": args.seeds, "machine": machine}
+            "image_size": args.image_size, "seeds": args.seeds, "machine": machine, "extra_flags": args.extra}
     groups = group_runs(runs)
     checks = ordering_checks(groups)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": runs, "checks": checks}, indent=2))
