@@ -301,14 +301,20 @@ def plot_curves(groups: dict[str, dict[str, Any]], title: str, path: Path) -> No
     plt.close(fig)
 
 
-def write_results(args: argparse.Namespace, runs: list[dict[str, Any]], subset: int) -> None:
+def recipe_of(args: argparse.Namespace) -> dict[str, Any]:
+    """What every row of one table shares: the training recipe (seeds and machine aside)."""
+    return {"dataset": args.dataset, "model": args.model, "epochs": args.epochs,
+            "train_subset": args.train_subset or "all", "batch_size": args.batch_size, "lr": args.lr,
+            "warmup_epochs": args.warmup_epochs, "tau": args.tau, "image_size": args.image_size,
+            "extra_flags": args.extra}
+
+
+def write_results(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     stem = results / f"accuracy_{args.dataset}"
     machine = f"{platform.processor() or platform.machine()}, {platform.system()}, python {platform.python_version()}"
-    meta = {"dataset": args.dataset, "model": args.model, "epochs": args.epochs, "train_subset": subset or "all",
-            "batch_size": args.batch_size, "lr": args.lr, "warmup_epochs": args.warmup_epochs, "tau": args.tau,
-            "image_size": args.image_size, "seeds": args.seeds, "machine": machine, "extra_flags": args.extra}
+    meta = {**recipe_of(args), "seeds": args.seeds, "machine": machine}
     groups = group_runs(runs)
     checks = ordering_checks(groups)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": runs, "checks": checks}, indent=2))
@@ -322,20 +328,31 @@ def write_results(args: argparse.Namespace, runs: list[dict[str, Any]], subset: 
 
 
 def saved_runs_not_rerun(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> list[dict[str, Any]]:
-    """The saved table's runs, less those this call runs again (matched by method, depth, K and seed)."""
+    """The saved table's runs, less those this call runs again (matched by method, depth, K and seed).
+
+    One table is one recipe: its rows are kept only when this call's recipe is the saved one (a table
+    written before ``extra_flags`` was recorded had none).
+    """
     path = Path(args.results_dir) / f"accuracy_{args.dataset}.json"
     if not path.exists():
         return []
+    saved = json.loads(path.read_text())
+    saved_recipe = {"extra_flags": [], **saved.get("meta", {})}
+    changed = {key: (saved_recipe[key], value) for key, value in recipe_of(args).items()
+               if key in saved_recipe and saved_recipe[key] != value}
+    if changed:
+        raise SystemExit(f"--keep-saved: {path} was measured under another recipe "
+                         f"({', '.join(f'{k}: saved {a!r}, now {b!r}' for k, (a, b) in changed.items())}); "
+                         "give the same flags, or another --results-dir")
     rerun = {(*parse_spec(spec), seed) for spec, seed in jobs}
-    return [r for r in json.loads(path.read_text())["runs"]
-            if (r["method"], r["aux_depth"], r.get("local_modules"), r["seed"]) not in rerun]
+    return [r for r in saved["runs"] if (r["method"], r["aux_depth"], r.get("local_modules"), r["seed"]) not in rerun]
 
 
 def main() -> None:
     args = parse_args()
     if args.report_only:
         saved = json.loads((Path(args.results_dir) / f"accuracy_{args.dataset}.json").read_text())
-        write_results(args, saved["runs"], args.train_subset)
+        write_results(args, saved["runs"])
         return
     data_dir = args.data_dir
     if args.train_subset:
@@ -353,7 +370,7 @@ def main() -> None:
                                   r["local_modules"])
             runs[futures[future]] = r
             # partial results survive an interruption; rerunning resumes unfinished runs
-            write_results(args, kept + [runs[i] for i in sorted(runs)], args.train_subset)
+            write_results(args, kept + [runs[i] for i in sorted(runs)])
 
 
 if __name__ == "__main__":

@@ -112,10 +112,30 @@ def test_local_module_specs_name_runs_labels_and_papers_claims():
     assert checks["hpff > infopro (same K)"]["on_means"] is False
 
 
-def test_keep_saved_drops_only_the_runs_being_rerun(tmp_path):
+def accuracy_args(monkeypatch, tmp_path, *flags: str):
+    monkeypatch.setattr(sys, "argv", ["accuracy.py", "--dataset", "d", "--results-dir", str(tmp_path), *flags])
+    return acc.parse_args()
+
+
+def test_keep_saved_drops_only_the_runs_being_rerun(tmp_path, monkeypatch):
     saved = [dict(run("infopro", None, 0, 75.0), local_modules=4), run("infopro", None, 0, 74.0),
              run("bp", None, 1, 80.0)]
-    (tmp_path / "accuracy_d.json").write_text(json.dumps({"runs": saved}))
-    args = acc.argparse.Namespace(results_dir=str(tmp_path), dataset="d")
+    args = accuracy_args(monkeypatch, tmp_path)
+    (tmp_path / "accuracy_d.json").write_text(json.dumps({"meta": acc.recipe_of(args), "runs": saved}))
     kept = acc.saved_runs_not_rerun(args, [("infopro@4", 0), ("bp", 0)])
     assert [(r["method"], r.get("local_modules"), r["seed"]) for r in kept] == [("infopro", None, 0), ("bp", None, 1)]
+
+
+def test_keep_saved_refuses_rows_of_another_recipe(tmp_path, monkeypatch, capsys):
+    """A table is one recipe: adding rows trained with other flags would put them under the saved header."""
+    saved = {"meta": acc.recipe_of(accuracy_args(monkeypatch, tmp_path)), "runs": [run("bp", None, 0, 80.0)]}
+    (tmp_path / "accuracy_d.json").write_text(json.dumps(saved))
+    for flags, named in ((["--epochs", "7"], "epochs: saved 5, now 7"),
+                         (["--extra", "--method-kwargs", "momentum=0.99"],
+                          "extra_flags: saved [], now ['--method-kwargs', 'momentum=0.99']")):
+        with pytest.raises(SystemExit) as stop:
+            acc.saved_runs_not_rerun(accuracy_args(monkeypatch, tmp_path, *flags), [("man@4", 0)])
+        assert named in str(stop.value) and "--results-dir" in str(stop.value)
+    del saved["meta"]["extra_flags"]  # a table written before the extra flags were recorded had none
+    (tmp_path / "accuracy_d.json").write_text(json.dumps(saved))
+    assert len(acc.saved_runs_not_rerun(accuracy_args(monkeypatch, tmp_path), [("man@4", 0)])) == 1
